@@ -1,0 +1,70 @@
+package tasking_test
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	"go.uber.org/goleak"
+
+	"github.com/tasking-go/tasking"
+	"github.com/tasking-go/tasking/internal/testdb"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m,
+		// pgxpool's background health check ends shortly after Close.
+		goleak.IgnoreTopFunction("github.com/jackc/pgx/v5/pgxpool.(*Pool).backgroundHealthCheck"),
+	)
+}
+
+// quietLogger drops logs unless TASKING_TEST_LOG is set.
+func quietLogger() *slog.Logger {
+	if os.Getenv("TASKING_TEST_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.NewTextHandler(io.Discard, nil))
+}
+
+// newClient returns a migrated client in a fresh schema.
+func newClient(t testing.TB, opts ...tasking.Option) *tasking.Client {
+	t.Helper()
+	pool := testdb.Pool(t, 20)
+	schema := testdb.Schema(t, pool)
+	opts = append([]tasking.Option{tasking.WithSchema(schema), tasking.WithLogger(quietLogger())}, opts...)
+	c, err := tasking.New(pool, opts...)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	require.NoError(t, c.Migrate(ctx))
+	return c
+}
+
+// runWorker runs w until the test ends and checks Run's result.
+func runWorker(t testing.TB, w *tasking.Worker) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- w.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("worker Run: %v", err)
+			}
+		case <-time.After(60 * time.Second):
+			t.Errorf("worker did not stop")
+		}
+	})
+}
+
+func ctxT(t testing.TB, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}

@@ -1,0 +1,120 @@
+// Package admit implements the admission walk of tasking's worker.
+//
+// The walk decides which waiting tasks may start now without breaking the
+// order promise. Tasks are examined in dispatch order (seq). Two sets record
+// the resources claimed by every task examined so far: names taken
+// exclusively and names taken shared. A task is a candidate only if
+//
+//   - none of its exclusive names is taken in either mode, and
+//   - none of its shared names is taken exclusively.
+//
+// Every examined task adds its own names to the sets, whether it becomes a
+// candidate or not. That is what makes the walk safe: a task that cannot
+// start (its resources are busy, or no handler runs it here) still holds its
+// place in line on every one of its names, so no later conflicting task can
+// overtake it (P2), and a shared task queued behind a waiting exclusive one
+// waits for it (P4).
+//
+// A task is a candidate exactly when no earlier examined task conflicts with
+// it, so the walk never holds back a task that could run. Candidates never
+// conflict with each other.
+//
+// The walk is pure: it touches no database and no locker. The worker seeds
+// the sets with the names of tasks that are already running (they hold their
+// resources), feeds it pages of waiting tasks, and asks the locker for the
+// candidates.
+package admit
+
+// Entry is one waiting task as the walk sees it.
+type Entry struct {
+	ID        int64
+	Name      string // task name, used to check for a handler
+	Exclusive []string
+	Shared    []string
+}
+
+// Taken holds the names claimed by the tasks examined so far.
+// The zero value is not ready; use NewTaken.
+type Taken struct {
+	excl   map[string]struct{}
+	shared map[string]struct{}
+}
+
+// NewTaken returns empty sets.
+func NewTaken() *Taken {
+	return &Taken{excl: make(map[string]struct{}), shared: make(map[string]struct{})}
+}
+
+// Reset empties the sets for reuse, keeping their storage.
+func (t *Taken) Reset() {
+	clear(t.excl)
+	clear(t.shared)
+}
+
+// Add records names as taken.
+func (t *Taken) Add(exclusive, shared []string) {
+	for _, n := range exclusive {
+		t.excl[n] = struct{}{}
+	}
+	for _, n := range shared {
+		t.shared[n] = struct{}{}
+	}
+}
+
+// Admissible reports whether a task with these names conflicts with nothing
+// recorded so far.
+func (t *Taken) Admissible(exclusive, shared []string) bool {
+	for _, n := range exclusive {
+		if _, ok := t.excl[n]; ok {
+			return false
+		}
+		if _, ok := t.shared[n]; ok {
+			return false
+		}
+	}
+	for _, n := range shared {
+		if _, ok := t.excl[n]; ok {
+			return false
+		}
+	}
+	return true
+}
+
+// Len reports how many distinct names are recorded (exclusive plus shared).
+func (t *Taken) Len() int { return len(t.excl) + len(t.shared) }
+
+// Walk examines entries in order and appends to out the candidates, at most
+// max of them in all (len(out) counts). handles reports whether this worker
+// can run a task name; a task it cannot run is never a candidate but still
+// takes its names. Walk stops examining once out holds max candidates, and
+// returns the extended slice and the number of entries it examined.
+func Walk(entries []Entry, taken *Taken, handles func(name string) bool, max int, out []Entry) ([]Entry, int) {
+	for i := range entries {
+		if len(out) >= max {
+			return out, i
+		}
+		e := &entries[i]
+		if handles(e.Name) && taken.Admissible(e.Exclusive, e.Shared) {
+			out = append(out, *e)
+		}
+		taken.Add(e.Exclusive, e.Shared)
+	}
+	return out, len(entries)
+}
+
+// Conflicts reports whether two tasks conflict: some resource is exclusive in
+// one and named, in any mode, by the other.
+func Conflicts(a, b Entry) bool {
+	return overlaps(a.Exclusive, b.Exclusive) || overlaps(a.Exclusive, b.Shared) || overlaps(b.Exclusive, a.Shared)
+}
+
+func overlaps(a, b []string) bool {
+	for _, x := range a {
+		for _, y := range b {
+			if x == y {
+				return true
+			}
+		}
+	}
+	return false
+}

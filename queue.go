@@ -1,0 +1,296 @@
+package tasking
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sort"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/tasking-go/tasking/internal/admit"
+)
+
+// querier is what the store needs: a pool, a connection or a transaction.
+type querier interface {
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// queries holds the store's SQL for one schema.
+type queries struct {
+	dispatch string
+	get      string
+	finals   string
+	window   string
+	holding  string
+	claim    string
+	finish   string
+	lock     string
+	register string
+	beat     string
+	retire   string
+	liveKind string
+}
+
+const taskCols = `id, name, args, exclusive, shared, state, coalesce(worker_id, 0), epoch,
+	created_at, coalesce(started_at, 'epoch'), coalesce(finished_at, 'epoch'), coalesce(error, ''), result`
+
+func newQueries(schema string) queries {
+	s := pgx.Identifier{schema}.Sanitize()
+	return queries{
+		dispatch: `SELECT id, created_at FROM ` + s + `.dispatch($1, $2, $3, $4, $5, $6, $7)`,
+		get:      `SELECT ` + taskCols + ` FROM ` + s + `.tasks WHERE id = $1`,
+		finals: `SELECT ` + taskCols + ` FROM ` + s + `.tasks
+			WHERE id = ANY($1) AND state IN ('completed', 'failed', 'canceled')`,
+		window: `SELECT id, name, exclusive, shared FROM ` + s + `.tasks
+			WHERE state = 'waiting' AND id > $1 ORDER BY id LIMIT $2`,
+		holding: `SELECT exclusive, shared FROM ` + s + `.tasks
+			WHERE state IN ('running', 'canceling') AND (exclusive <> '{}' OR shared <> '{}')`,
+		// SKIP LOCKED: a row another worker is claiming right now is left to it.
+		claim: `UPDATE ` + s + `.tasks t
+			SET state = 'running', worker_id = $1, epoch = t.epoch + 1, started_at = clock_timestamp()
+			FROM (SELECT id FROM ` + s + `.tasks WHERE id = ANY($2) AND state = 'waiting'
+			      ORDER BY id FOR UPDATE SKIP LOCKED) c
+			WHERE t.id = c.id
+			RETURNING t.id, t.args, t.epoch, t.created_at, t.started_at`,
+		// Guarded by worker and epoch: a late write from a worker that lost
+		// its claim changes nothing. A canceling task ends canceled.
+		finish: `UPDATE ` + s + `.tasks t
+			SET state = CASE WHEN t.state = 'canceling' THEN 'canceled' ELSE v.state END,
+			    finished_at = clock_timestamp(), error = nullif(v.error, ''), result = v.result
+			FROM unnest($2::bigint[], $3::int[], $4::text[], $5::text[], $6::jsonb[]) AS v(id, epoch, state, error, result)
+			WHERE t.id = v.id AND t.worker_id = $1 AND t.epoch = v.epoch AND t.state IN ('running', 'canceling')
+			RETURNING t.id`,
+		lock: `SELECT req, fence FROM ` + s + `.lock_batch($1, $2, $3, $4, $5)`,
+		register: `INSERT INTO ` + s + `.workers (name, host, pid, locker) VALUES ($1, $2, $3, $4)
+			RETURNING id`,
+		beat:   `UPDATE ` + s + `.workers SET heartbeat_at = now() WHERE id = $1`,
+		retire: `DELETE FROM ` + s + `.workers WHERE id = $1`,
+		liveKind: `SELECT locker, name FROM ` + s + `.workers
+			WHERE locker <> $1 AND heartbeat_at > now() - $2::interval LIMIT 1`,
+	}
+}
+
+// dispatchKey is the advisory-lock key a dispatch takes for a resource to
+// order conflicting inserts. It lives in its own key space, apart from the
+// PostgreSQL locker's run-time keys, so a running task never delays a
+// dispatch.
+func dispatchKey(schema, name string) int64 { return hashKey("tasking/dispatch", schema, name) }
+
+// runKey is the PostgreSQL locker's run-time key for a resource.
+func runKey(schema, name string) int64 { return hashKey("tasking/run", schema, name) }
+
+// hashKey maps (space, namespace, name) to 64 bits with SHA-256, so distinct
+// names collide only by astronomically bad luck.
+func hashKey(space, ns, name string) int64 {
+	h := sha256.New()
+	var n [4]byte
+	for _, part := range []string{space, ns, name} {
+		binary.BigEndian.PutUint32(n[:], uint32(len(part)))
+		h.Write(n[:])
+		h.Write([]byte(part))
+	}
+	var sum [sha256.Size]byte
+	return int64(binary.BigEndian.Uint64(h.Sum(sum[:0])))
+}
+
+func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch) ([]*Task, error) {
+	names := make([]string, len(b.specs))
+	excl := make([][]string, len(b.specs))
+	shared := make([][]string, len(b.specs))
+	args := make([]string, len(b.specs))
+	for i, s := range b.specs {
+		names[i], excl[i], shared[i], args[i] = s.Name, s.Exclusive, s.Shared, string(b.args[i])
+	}
+	exclJSON, _ := json.Marshal(excl)
+	sharedJSON, _ := json.Marshal(shared)
+	rows, err := db.Query(ctx, c.q.dispatch, names, args, string(exclJSON), string(sharedJSON),
+		b.lockKeys, b.lockExcl, c.bus.dispatchChannel())
+	if err != nil {
+		return nil, fmt.Errorf("tasking: dispatch: %w", err)
+	}
+	type inserted struct {
+		id      int64
+		created time.Time
+	}
+	var got []inserted
+	for rows.Next() {
+		var r inserted
+		if err := rows.Scan(&r.id, &r.created); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("tasking: dispatch: %w", err)
+		}
+		got = append(got, r)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("tasking: dispatch: %w", err)
+	}
+	if len(got) != len(b.specs) {
+		return nil, fmt.Errorf("tasking: dispatch: inserted %d tasks, expected %d", len(got), len(b.specs))
+	}
+	// IDs were drawn in batch order.
+	sort.Slice(got, func(i, j int) bool { return got[i].id < got[j].id })
+	tasks := make([]*Task, len(got))
+	for i, r := range got {
+		s := b.specs[i]
+		tasks[i] = &Task{
+			ID: r.id, Name: s.Name, Args: b.args[i], Exclusive: s.Exclusive, Shared: s.Shared,
+			State: StateWaiting, CreatedAt: r.created,
+		}
+	}
+	return tasks, nil
+}
+
+func scanTask(row pgx.Row) (*Task, error) {
+	t := &Task{}
+	var state string
+	var args, result []byte
+	err := row.Scan(&t.ID, &t.Name, &args, &t.Exclusive, &t.Shared, &state, &t.WorkerID, &t.Epoch,
+		&t.CreatedAt, &t.StartedAt, &t.FinishedAt, &t.Error, &result)
+	if err != nil {
+		return nil, err
+	}
+	t.State = State(state)
+	t.Args = args
+	t.Result = result
+	if t.StartedAt.Unix() == 0 {
+		t.StartedAt = time.Time{}
+	}
+	if t.FinishedAt.Unix() == 0 {
+		t.FinishedAt = time.Time{}
+	}
+	return t, nil
+}
+
+func (c *Client) get(ctx context.Context, id int64) (*Task, error) {
+	t, err := scanTask(c.pool.QueryRow(ctx, c.q.get, id))
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, fmt.Errorf("%w: id %d", ErrNotFound, id)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("tasking: get task %d: %w", id, err)
+	}
+	return t, nil
+}
+
+// finals returns those of ids that are in a final state.
+func (c *Client) finals(ctx context.Context, ids []int64) ([]*Task, error) {
+	rows, err := c.pool.Query(ctx, c.q.finals, ids)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []*Task
+	for rows.Next() {
+		t, err := scanTask(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, t)
+	}
+	return out, rows.Err()
+}
+
+// readWindow reads up to limit waiting tasks with id > after, oldest first.
+func (c *Client) readWindow(ctx context.Context, after int64, limit int, out []admit.Entry) ([]admit.Entry, error) {
+	rows, err := c.pool.Query(ctx, c.q.window, after, limit)
+	if err != nil {
+		return out, err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var e admit.Entry
+		if err := rows.Scan(&e.ID, &e.Name, &e.Exclusive, &e.Shared); err != nil {
+			return out, err
+		}
+		out = append(out, e)
+	}
+	return out, rows.Err()
+}
+
+// readHolding adds the names of running tasks that hold resources to taken.
+func (c *Client) readHolding(ctx context.Context, taken *admit.Taken) error {
+	rows, err := c.pool.Query(ctx, c.q.holding)
+	if err != nil {
+		return err
+	}
+	defer rows.Close()
+	var excl, shared []string
+	for rows.Next() {
+		if err := rows.Scan(&excl, &shared); err != nil {
+			return err
+		}
+		taken.Add(excl, shared)
+	}
+	return rows.Err()
+}
+
+// claimed is one task a claim moved to running.
+type claimed struct {
+	id      int64
+	args    []byte
+	epoch   int
+	created time.Time
+	started time.Time
+}
+
+func (c *Client) claim(ctx context.Context, worker int64, ids []int64) ([]claimed, error) {
+	rows, err := c.pool.Query(ctx, c.q.claim, worker, ids)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []claimed
+	for rows.Next() {
+		var r claimed
+		if err := rows.Scan(&r.id, &r.args, &r.epoch, &r.created, &r.started); err != nil {
+			return nil, err
+		}
+		out = append(out, r)
+	}
+	return out, rows.Err()
+}
+
+// outcome is a handler's end, to be written by the finisher.
+type outcome struct {
+	task  *Task
+	state State
+	err   string
+	owner bool // holds locker grants to release
+}
+
+// finish writes a batch of outcomes in one statement and returns the ids it
+// changed; the others were no longer this worker's to finish.
+func (c *Client) finish(ctx context.Context, worker int64, batch []outcome) (map[int64]bool, error) {
+	n := len(batch)
+	ids, epochs := make([]int64, n), make([]int32, n)
+	states, errs, results := make([]string, n), make([]string, n), make([]*string, n)
+	for i, o := range batch {
+		ids[i], epochs[i], states[i], errs[i] = o.task.ID, int32(o.task.Epoch), string(o.state), o.err
+		if r := o.task.takeResult(); r != nil {
+			s := string(r)
+			results[i] = &s
+		}
+	}
+	rows, err := c.pool.Query(ctx, c.q.finish, worker, ids, epochs, states, errs, results)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	done := make(map[int64]bool, n)
+	for rows.Next() {
+		var id int64
+		if err := rows.Scan(&id); err != nil {
+			return nil, err
+		}
+		done[id] = true
+	}
+	return done, rows.Err()
+}

@@ -1,0 +1,404 @@
+package tasking
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"runtime/debug"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/tasking-go/tasking/internal/admit"
+)
+
+// Scan sizes. The first page is a window of about twice the free slots; when
+// it yields too few candidates the scan goes deeper in growing pages, carrying
+// the taken sets, so a long blocked head never idles free slots (P6).
+const (
+	windowMargin = 16
+	maxPage      = 4096
+	finishBatch  = 512
+	retryLimit   = 4
+)
+
+// schedule is the scheduler loop: one admission cycle per wake-up or poll
+// while slots are free.
+func (r *run) schedule(ctx context.Context) {
+	poll := time.NewTimer(jitter(r.w.cfg.poll))
+	defer poll.Stop()
+	retries := 0
+	failing := false
+	backoff := 10 * time.Millisecond
+	for {
+		if retries == 0 {
+			select {
+			case <-ctx.Done():
+				return
+			case <-r.wake:
+			case <-poll.C:
+				poll.Reset(jitter(r.w.cfg.poll))
+			}
+		} else {
+			// A race lost to another worker: look again shortly rather than
+			// waiting for the next wake-up.
+			sleepCtx(ctx, time.Duration(retries)*time.Millisecond)
+			if ctx.Err() != nil {
+				return
+			}
+		}
+		free := r.freeSlots()
+		if free == 0 {
+			retries = 0
+			continue // a finishing handler signals
+		}
+		progress, more, err := r.cycle(ctx, free)
+		switch {
+		case err != nil && ctx.Err() != nil:
+			return
+		case err != nil:
+			if !failing {
+				r.log.Error("tasking: admission failed; retrying with backoff", "err", err)
+				failing = true
+			}
+			retries = 0
+			sleepCtx(ctx, jitter(backoff))
+			backoff = min(backoff*2, 5*time.Second)
+			r.signal()
+			continue
+		case failing:
+			r.log.Info("tasking: admission recovered")
+			failing, backoff = false, 10*time.Millisecond
+		}
+		switch {
+		case more && progress:
+			retries = 0
+			r.signal()
+		case more && retries < retryLimit:
+			retries++
+		default:
+			retries = 0
+		}
+	}
+}
+
+func (r *run) freeSlots() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.w.cfg.slots - len(r.active)
+}
+
+func (r *run) handles(name string) bool {
+	_, ok := r.handlers[name]
+	return ok
+}
+
+// cycle runs one admission: window and deeper scan, walk, lock, claim, start.
+// progress: some task started. more: candidates were left over or lost to
+// races while slots stay free.
+func (r *run) cycle(ctx context.Context, free int) (progress, more bool, err error) {
+	cands, err := r.scan(ctx, free)
+	if err != nil || len(cands) == 0 {
+		return false, false, err
+	}
+
+	// Lock: one round trip for every candidate that names resources.
+	var reqs []LockRequest
+	var reqIdx []int
+	for i, e := range cands {
+		if len(e.Exclusive)+len(e.Shared) > 0 {
+			reqs = append(reqs, LockRequest{Owner: Owner{r.id, e.ID}, Exclusive: e.Exclusive, Shared: e.Shared})
+			reqIdx = append(reqIdx, i)
+		}
+	}
+	fences := make([]int64, len(cands))
+	granted := make([]bool, len(cands))
+	for i, e := range cands {
+		granted[i] = len(e.Exclusive)+len(e.Shared) == 0
+	}
+	if len(reqs) > 0 {
+		fs, err := r.lock.TryAcquire(ctx, reqs)
+		if err != nil {
+			r.releaseOwners(reqs)
+			return false, false, fmt.Errorf("acquire locks: %w", err)
+		}
+		for j, f := range fs {
+			if f > 0 {
+				fences[reqIdx[j]], granted[reqIdx[j]] = f, true
+			}
+		}
+	}
+	ids := make([]int64, 0, len(cands))
+	for i, e := range cands {
+		if granted[i] {
+			ids = append(ids, e.ID)
+		}
+	}
+	if len(ids) == 0 {
+		return false, true, nil
+	}
+
+	// Claim: one UPDATE for all granted candidates.
+	rows, err := r.c.claim(ctx, r.id, ids)
+	if err != nil {
+		return false, false, r.recoverClaim(ctx, cands, granted, fences, err)
+	}
+	byID := make(map[int64]claimed, len(rows))
+	for _, row := range rows {
+		byID[row.id] = row
+	}
+	var unused []Owner
+	for i, e := range cands {
+		if !granted[i] {
+			continue
+		}
+		row, ok := byID[e.ID]
+		if !ok {
+			if fences[i] > 0 {
+				unused = append(unused, Owner{r.id, e.ID})
+			}
+			continue
+		}
+		r.start(&Task{
+			ID: e.ID, Name: e.Name, Args: row.args, Exclusive: e.Exclusive, Shared: e.Shared,
+			State: StateRunning, WorkerID: r.id, Epoch: row.epoch, CreatedAt: row.created,
+			StartedAt: row.started, Fence: fences[i],
+		})
+	}
+	if len(unused) > 0 {
+		if err := r.lock.Release(ctx, unused); err != nil {
+			r.log.Warn("tasking: release unused grants", "err", err)
+		}
+	}
+	return len(rows) > 0, len(rows) < len(cands) && len(rows) < free, nil
+}
+
+// recoverClaim handles a claim that failed, perhaps after committing (the
+// connection broke mid-statement): it releases the grants. A task the claim
+// did move to running then stays owned by this worker without a handler; no
+// other worker can claim it (it is no longer waiting), and cleanup of
+// running tasks settles it.
+func (r *run) recoverClaim(ctx context.Context, cands []admit.Entry, granted []bool, fences []int64, cause error) error {
+	var owners []Owner
+	for i, e := range cands {
+		if granted[i] && fences[i] > 0 {
+			owners = append(owners, Owner{r.id, e.ID})
+		}
+	}
+	if len(owners) > 0 {
+		if err := r.lock.Release(context.WithoutCancel(ctx), owners); err != nil {
+			r.log.Warn("tasking: release grants after failed claim", "err", err)
+		}
+	}
+	return fmt.Errorf("claim: %w", cause)
+}
+
+// scan reads waiting tasks oldest first and walks them until it has free
+// candidates or reaches the end of the queue. The walk starts with the names
+// of running tasks taken, so candidates are those the locker should grant.
+func (r *run) scan(ctx context.Context, free int) ([]admit.Entry, error) {
+	r.taken.Reset()
+	r.cands = r.cands[:0]
+	page := min(2*free+windowMargin, maxPage)
+
+	b := &pgx.Batch{}
+	b.Queue(r.c.q.holding)
+	b.Queue(r.c.q.window, int64(0), page)
+	res := r.c.pool.SendBatch(ctx, b)
+	err := readHoldingRows(res, r.taken)
+	if err == nil {
+		r.entries, err = readWindowRows(res, r.entries[:0])
+	}
+	if cerr := res.Close(); err == nil {
+		err = cerr
+	}
+	for err == nil {
+		r.cands, _ = admit.Walk(r.entries, r.taken, r.handles, free, r.cands)
+		if len(r.cands) >= free || len(r.entries) < page {
+			break
+		}
+		after := r.entries[len(r.entries)-1].ID
+		page = min(page*4, maxPage)
+		r.entries, err = r.c.readWindow(ctx, after, page, r.entries[:0])
+	}
+	return r.cands, err
+}
+
+func readHoldingRows(res pgx.BatchResults, taken *admit.Taken) error {
+	rows, err := res.Query()
+	if err != nil {
+		return err
+	}
+	defer rows.Close()
+	var excl, shared []string
+	for rows.Next() {
+		if err := rows.Scan(&excl, &shared); err != nil {
+			return err
+		}
+		taken.Add(excl, shared)
+	}
+	return rows.Err()
+}
+
+func readWindowRows(res pgx.BatchResults, out []admit.Entry) ([]admit.Entry, error) {
+	rows, err := res.Query()
+	if err != nil {
+		return out, err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var e admit.Entry
+		if err := rows.Scan(&e.ID, &e.Name, &e.Exclusive, &e.Shared); err != nil {
+			return out, err
+		}
+		out = append(out, e)
+	}
+	return out, rows.Err()
+}
+
+// releaseOwners releases the grants of requests whose acquire failed.
+func (r *run) releaseOwners(reqs []LockRequest) {
+	owners := make([]Owner, len(reqs))
+	for i, q := range reqs {
+		owners[i] = q.Owner
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_ = r.lock.Release(ctx, owners)
+}
+
+// start runs t's handler in its own goroutine.
+func (r *run) start(t *Task) {
+	hctx, cancel := context.WithCancelCause(r.base)
+	hctx = context.WithValue(hctx, taskKey{}, t)
+	a := &activeTask{task: t, cancel: cancel, names: len(t.Exclusive)+len(t.Shared) > 0}
+	r.mu.Lock()
+	r.active[t.ID] = a
+	r.mu.Unlock()
+	r.handlerW.Add(1)
+	go func() {
+		defer r.handlerW.Done()
+		err := r.call(hctx, t)
+		cause := context.Cause(hctx)
+		cancel(nil)
+
+		r.mu.Lock()
+		delete(r.active, t.ID)
+		lost := a.lost
+		o := outcome{task: t, state: StateCompleted, owner: a.names}
+		switch {
+		case lost:
+			o.state, o.err = StateFailed, errorText(cause)
+		case err != nil:
+			o.state, o.err = StateFailed, err.Error()
+			if errors.Is(cause, ErrShutdown) {
+				o.err = ErrShutdown.Error() + ": " + o.err
+			}
+		}
+		r.mu.Unlock()
+		r.signal() // a slot is free
+		r.sendMu.RLock()
+		if !r.closed {
+			r.results <- o
+		}
+		r.sendMu.RUnlock()
+	}()
+}
+
+func errorText(err error) string {
+	if err == nil {
+		return ErrLockLost.Error()
+	}
+	return err.Error()
+}
+
+// call runs the handler, turning a panic into an error with its stack.
+func (r *run) call(ctx context.Context, t *Task) (err error) {
+	defer func() {
+		if v := recover(); v != nil {
+			err = fmt.Errorf("panic: %v\n%s", v, debug.Stack())
+		}
+	}()
+	return r.handlers[t.Name](ctx, t)
+}
+
+// finisher writes final states in batches: whatever has queued up while the
+// previous write was in flight goes in the next one. Locks are released only
+// after the final state is committed.
+func (r *run) finisher() {
+	defer close(r.finished)
+	batch := make([]outcome, 0, finishBatch)
+	for o := range r.results {
+		batch = append(batch[:0], o)
+	drain:
+		for len(batch) < finishBatch {
+			select {
+			case o, ok := <-r.results:
+				if !ok {
+					break drain
+				}
+				batch = append(batch, o)
+			default:
+				break drain
+			}
+		}
+		r.finishBatch(batch)
+	}
+}
+
+func (r *run) finishBatch(batch []outcome) {
+	backoff := 50 * time.Millisecond
+	var done map[int64]bool
+	for attempt := 0; ; attempt++ {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		var err error
+		done, err = r.c.finish(ctx, r.id, batch)
+		cancel()
+		if err == nil {
+			break
+		}
+		if attempt == 0 {
+			r.log.Error("tasking: writing final states failed; retrying", "tasks", len(batch), "err", err)
+		}
+		if attempt >= 20 {
+			// Keep the locks: the tasks are still running in the database,
+			// and cleanup of this worker will settle them.
+			r.log.Error("tasking: giving up on final states; tasks stay running until cleanup", "tasks", len(batch), "err", err)
+			return
+		}
+		time.Sleep(jitter(backoff))
+		backoff = min(backoff*2, 5*time.Second)
+	}
+	var owners []Owner
+	for _, o := range batch {
+		if !done[o.task.ID] {
+			r.log.Warn("tasking: task was no longer this worker's to finish", "task", o.task.ID)
+		}
+		if o.owner {
+			owners = append(owners, Owner{r.id, o.task.ID})
+		}
+	}
+	if len(owners) > 0 {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		r.release(ctx, owners)
+		cancel()
+		r.signal()
+	}
+	r.c.waits.poke()
+}
+
+// release drops grants and wakes the workers that may be waiting for them.
+func (r *run) release(ctx context.Context, owners []Owner) {
+	if pg, ok := r.lock.(*pgSession); ok {
+		if ch := r.c.bus.dispatchChannel(); ch != "" {
+			if err := pg.releaseAndNotify(ctx, owners, ch); err != nil {
+				r.log.Warn("tasking: release locks", "err", err)
+			}
+			return
+		}
+	}
+	if err := r.lock.Release(ctx, owners); err != nil {
+		r.log.Warn("tasking: release locks", "err", err)
+	}
+	r.c.bus.released(ctx)
+}

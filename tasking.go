@@ -1,0 +1,471 @@
+package tasking
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sort"
+	"sync"
+	"time"
+	"unicode/utf8"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/tasking-go/tasking/internal/migrate"
+)
+
+// Limits on what a task may declare. Larger input is rejected with an
+// [*InputError].
+const (
+	MaxTaskNameLen     = 255  // bytes
+	MaxResourceNameLen = 1024 // bytes
+	MaxResources       = 128  // distinct names per task, exclusive and shared together
+)
+
+// DefaultSchema is the schema used when [WithSchema] is not given.
+const DefaultSchema = "tasking"
+
+var (
+	// ErrNotFound: no task has that id.
+	ErrNotFound = errors.New("tasking: task not found")
+	// ErrInvalidInput is matched by every [*InputError].
+	ErrInvalidInput = errors.New("tasking: invalid input")
+	// ErrNotMigrated: the schema has not been created by [Client.Migrate].
+	ErrNotMigrated = errors.New("tasking: schema not migrated (call Client.Migrate)")
+	// ErrSchemaTooNew: the schema was migrated by a newer release of tasking.
+	ErrSchemaTooNew = errors.New("tasking: schema is newer than this release")
+	// ErrNoHandlers: Worker.Run was called on a worker with no handlers.
+	ErrNoHandlers = errors.New("tasking: worker has no handlers")
+	// ErrLockerMismatch: live workers of the fleet use another kind of locker.
+	ErrLockerMismatch = errors.New("tasking: live workers use another kind of locker")
+	// ErrLockLost is the cause given to a handler's context when its task's
+	// locks were lost; the task ends failed.
+	ErrLockLost = errors.New("lock lost")
+	// ErrShutdown is the cause given to a handler's context when the worker
+	// stops before the handler returns; the task ends failed.
+	ErrShutdown = errors.New("worker shut down before the task finished")
+)
+
+// InputError describes input rejected before anything was written.
+// errors.Is(err, ErrInvalidInput) matches it.
+type InputError struct {
+	Field   string // what was wrong: "task name", "args", "resource name", ...
+	Problem string
+}
+
+func (e *InputError) Error() string { return "tasking: invalid " + e.Field + ": " + e.Problem }
+
+// Is makes errors.Is(err, ErrInvalidInput) true.
+func (e *InputError) Is(target error) bool { return target == ErrInvalidInput }
+
+func inputErr(field, format string, a ...any) error {
+	return &InputError{Field: field, Problem: fmt.Sprintf(format, a...)}
+}
+
+// State is where a task is in its life.
+type State string
+
+// The states of a task. Completed, failed and canceled are final.
+const (
+	StateWaiting   State = "waiting"
+	StateRunning   State = "running"
+	StateCanceling State = "canceling"
+	StateCompleted State = "completed"
+	StateFailed    State = "failed"
+	StateCanceled  State = "canceled"
+)
+
+// Final reports whether s is a final state.
+func (s State) Final() bool {
+	return s == StateCompleted || s == StateFailed || s == StateCanceled
+}
+
+// Task is a dispatched task as stored.
+type Task struct {
+	ID         int64 // dispatch position: conflicting tasks run in ID order
+	Name       string
+	Args       json.RawMessage
+	Exclusive  []string
+	Shared     []string
+	State      State
+	WorkerID   int64 // the worker instance that last claimed it, 0 if none
+	Epoch      int   // incremented by every claim
+	CreatedAt  time.Time
+	StartedAt  time.Time // zero until claimed
+	FinishedAt time.Time // zero until final
+	Error      string
+	Result     json.RawMessage
+
+	// Fence is the fencing token of the task's lock grant while a handler
+	// runs it (0 for a task without resources). Tokens grow with every grant,
+	// so a side effect guarded by the token can refuse a stale holder.
+	Fence int64
+
+	mu     sync.Mutex
+	result json.RawMessage // set by SetResult while running
+}
+
+// SetResult records v, marshalled to JSON, as the task's result. Call it
+// from the handler; the result is stored with the final state.
+func (t *Task) SetResult(v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("tasking: result does not marshal to JSON: %w", err)
+	}
+	t.mu.Lock()
+	t.result = b
+	t.mu.Unlock()
+	return nil
+}
+
+func (t *Task) takeResult() json.RawMessage {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.result
+}
+
+// Client dispatches tasks and reads them. It is safe for concurrent use.
+type Client struct {
+	pool   *pgxpool.Pool
+	schema string
+	log    *slog.Logger
+	locker ResourceLocker
+	q      queries
+	bus    wakeBus
+
+	versionMu sync.Mutex
+	checked   bool // schema version matched once
+
+	waits *waiters
+}
+
+// Option configures a Client.
+type Option func(*clientConfig)
+
+type clientConfig struct {
+	schema string
+	logger *slog.Logger
+	locker ResourceLocker
+}
+
+// WithSchema sets the PostgreSQL schema that holds tasking's tables.
+// Default: "tasking" ([DefaultSchema]).
+func WithSchema(name string) Option { return func(c *clientConfig) { c.schema = name } }
+
+// WithLogger sets the logger. Default: [slog.Default].
+func WithLogger(l *slog.Logger) Option { return func(c *clientConfig) { c.logger = l } }
+
+// WithLocker sets the ResourceLocker of the client's workers.
+// Default: [NewPostgresLocker] (session-level advisory locks).
+func WithLocker(l ResourceLocker) Option { return func(c *clientConfig) { c.locker = l } }
+
+// New returns a client over the caller's pool. It does not touch the
+// database: call [Client.Migrate] once to create or upgrade the schema.
+func New(pool *pgxpool.Pool, opts ...Option) (*Client, error) {
+	if pool == nil {
+		return nil, inputErr("pool", "nil *pgxpool.Pool")
+	}
+	cfg := clientConfig{schema: DefaultSchema}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	if cfg.schema == "" || len(cfg.schema) > 63 {
+		return nil, inputErr("schema", "name must be 1 to 63 bytes, got %d", len(cfg.schema))
+	}
+	if !utf8.ValidString(cfg.schema) || containsNUL(cfg.schema) {
+		return nil, inputErr("schema", "name must be valid UTF-8 without NUL bytes")
+	}
+	if cfg.logger == nil {
+		cfg.logger = slog.Default()
+	}
+	if cfg.locker == nil {
+		cfg.locker = NewPostgresLocker()
+	}
+	c := &Client{
+		pool:   pool,
+		schema: cfg.schema,
+		log:    cfg.logger,
+		locker: cfg.locker,
+		q:      newQueries(cfg.schema),
+	}
+	c.bus = newBus(c)
+	c.waits = newWaiters(c)
+	return c, nil
+}
+
+// Schema returns the schema the client works in.
+func (c *Client) Schema() string { return c.schema }
+
+// Migrate creates the schema or upgrades it to this release's version.
+// It is safe to call from several processes at once.
+func (c *Client) Migrate(ctx context.Context) error {
+	_, _, err := migrate.Migrate(ctx, c.pool, c.schema)
+	var tooNew *migrate.TooNewError
+	if errors.As(err, &tooNew) {
+		return fmt.Errorf("%w: %v", ErrSchemaTooNew, err)
+	}
+	if err != nil {
+		return fmt.Errorf("tasking: migrate schema %q: %w", c.schema, err)
+	}
+	c.versionMu.Lock()
+	c.checked = true
+	c.versionMu.Unlock()
+	return nil
+}
+
+// checkSchema fails with ErrNotMigrated or ErrSchemaTooNew when the schema
+// does not match this release. A success is remembered.
+func (c *Client) checkSchema(ctx context.Context) error {
+	c.versionMu.Lock()
+	defer c.versionMu.Unlock()
+	if c.checked {
+		return nil
+	}
+	v, err := migrate.Version(ctx, c.pool, c.schema)
+	switch {
+	case errors.Is(err, migrate.ErrNotMigrated):
+		return fmt.Errorf("%w: schema %q has no tasking tables", ErrNotMigrated, c.schema)
+	case err != nil:
+		return fmt.Errorf("tasking: read schema version: %w", err)
+	case v > migrate.Latest():
+		return fmt.Errorf("%w: schema %q is at version %d, this release knows up to %d", ErrSchemaTooNew, c.schema, v, migrate.Latest())
+	case v < migrate.Latest():
+		return fmt.Errorf("%w: schema %q is at version %d, this release needs %d", ErrNotMigrated, c.schema, v, migrate.Latest())
+	}
+	c.checked = true
+	return nil
+}
+
+// DispatchOption sets a property of one dispatched task.
+type DispatchOption func(*TaskSpec)
+
+// Exclusive declares resources the task needs alone: no other task naming
+// any of them, in any mode, runs at the same time.
+func Exclusive(names ...string) DispatchOption {
+	return func(s *TaskSpec) { s.Exclusive = append(s.Exclusive, names...) }
+}
+
+// Shared declares resources the task may share with other shared holders;
+// no exclusive holder of them runs at the same time.
+func Shared(names ...string) DispatchOption {
+	return func(s *TaskSpec) { s.Shared = append(s.Shared, names...) }
+}
+
+// TaskSpec describes one task to dispatch. Build it with [Spec] or fill it in.
+type TaskSpec struct {
+	Name      string
+	Args      any // marshalled to JSON; json.RawMessage and []byte are taken as JSON
+	Exclusive []string
+	Shared    []string
+}
+
+// Spec builds a TaskSpec for [Client.DispatchMany].
+func Spec(name string, args any, opts ...DispatchOption) TaskSpec {
+	s := TaskSpec{Name: name, Args: args}
+	for _, o := range opts {
+		o(&s)
+	}
+	return s
+}
+
+// Dispatch stores a waiting task and returns it. Tasks that conflict with it
+// run before it if dispatched earlier, after it if dispatched later.
+func (c *Client) Dispatch(ctx context.Context, name string, args any, opts ...DispatchOption) (*Task, error) {
+	ts, err := c.DispatchMany(ctx, Spec(name, args, opts...))
+	if err != nil {
+		return nil, err
+	}
+	return ts[0], nil
+}
+
+// DispatchTx stores a waiting task inside the caller's transaction: the task
+// exists if and only if the caller commits. Until then, later conflicting
+// dispatches wait for the transaction (that is what keeps their order), so
+// keep such transactions short.
+func (c *Client) DispatchTx(ctx context.Context, tx pgx.Tx, name string, args any, opts ...DispatchOption) (*Task, error) {
+	ts, err := c.DispatchManyTx(ctx, tx, Spec(name, args, opts...))
+	if err != nil {
+		return nil, err
+	}
+	return ts[0], nil
+}
+
+// DispatchMany stores a batch of tasks in one round trip, in order: each
+// gets a larger ID than the one before it. Either all are stored or none.
+func (c *Client) DispatchMany(ctx context.Context, specs ...TaskSpec) ([]*Task, error) {
+	return c.dispatch(ctx, c.pool, specs, true)
+}
+
+// DispatchManyTx is DispatchMany inside the caller's transaction.
+func (c *Client) DispatchManyTx(ctx context.Context, tx pgx.Tx, specs ...TaskSpec) ([]*Task, error) {
+	if tx == nil {
+		return nil, inputErr("transaction", "nil pgx.Tx")
+	}
+	return c.dispatch(ctx, tx, specs, false)
+}
+
+func (c *Client) dispatch(ctx context.Context, db querier, specs []TaskSpec, autocommit bool) ([]*Task, error) {
+	if len(specs) == 0 {
+		return nil, inputErr("batch", "no tasks to dispatch")
+	}
+	batch, err := prepareBatch(c.schema, specs)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.checkSchema(ctx); err != nil {
+		return nil, err
+	}
+	tasks, err := c.insert(ctx, db, batch)
+	if err != nil {
+		return nil, err
+	}
+	if autocommit {
+		c.bus.dispatched(ctx)
+	}
+	return tasks, nil
+}
+
+// Get returns the task with that id, or ErrNotFound.
+func (c *Client) Get(ctx context.Context, id int64) (*Task, error) {
+	if err := c.checkSchema(ctx); err != nil {
+		return nil, err
+	}
+	return c.get(ctx, id)
+}
+
+// Wait blocks until the task is final and returns it, or returns ctx's error.
+// Waits share one query per interval, however many are in progress, and
+// return at once when a worker of this process finishes the task.
+func (c *Client) Wait(ctx context.Context, id int64) (*Task, error) {
+	t, err := c.Get(ctx, id)
+	if err != nil || t.State.Final() {
+		return t, err
+	}
+	return c.waits.wait(ctx, id)
+}
+
+// preparedBatch is a validated, normalised batch ready for insert.
+type preparedBatch struct {
+	specs    []TaskSpec // normalised names
+	args     [][]byte
+	lockKeys []int64 // sorted, one per distinct resource of the batch
+	lockExcl []bool
+}
+
+func prepareBatch(schema string, specs []TaskSpec) (*preparedBatch, error) {
+	b := &preparedBatch{specs: make([]TaskSpec, len(specs)), args: make([][]byte, len(specs))}
+	modes := make(map[int64]bool)
+	for i, s := range specs {
+		if err := checkName("task name", s.Name, MaxTaskNameLen); err != nil {
+			return nil, err
+		}
+		a, err := marshalArgs(s.Args)
+		if err != nil {
+			return nil, err
+		}
+		excl, shared, err := normalizeResources(s.Exclusive, s.Shared)
+		if err != nil {
+			return nil, err
+		}
+		b.specs[i] = TaskSpec{Name: s.Name, Exclusive: excl, Shared: shared}
+		b.args[i] = a
+		for _, n := range excl {
+			modes[dispatchKey(schema, n)] = true
+		}
+		for _, n := range shared {
+			k := dispatchKey(schema, n)
+			modes[k] = modes[k] || false
+		}
+	}
+	for k := range modes {
+		b.lockKeys = append(b.lockKeys, k)
+	}
+	sort.Slice(b.lockKeys, func(i, j int) bool { return b.lockKeys[i] < b.lockKeys[j] })
+	b.lockExcl = make([]bool, len(b.lockKeys))
+	for i, k := range b.lockKeys {
+		b.lockExcl[i] = modes[k]
+	}
+	return b, nil
+}
+
+func marshalArgs(args any) ([]byte, error) {
+	var b []byte
+	switch a := args.(type) {
+	case nil:
+		return []byte("{}"), nil
+	case json.RawMessage:
+		b = a
+	case []byte:
+		b = a
+	default:
+		var err error
+		if b, err = json.Marshal(args); err != nil {
+			return nil, inputErr("args", "do not marshal to JSON: %v", err)
+		}
+		return b, nil
+	}
+	if !json.Valid(b) {
+		return nil, inputErr("args", "raw args are not valid JSON")
+	}
+	return b, nil
+}
+
+// normalizeResources drops duplicates, makes a name given in both modes
+// exclusive, and rejects bad names. The result is sorted.
+func normalizeResources(exclusive, shared []string) ([]string, []string, error) {
+	mode := make(map[string]bool, len(exclusive)+len(shared))
+	for _, n := range exclusive {
+		if err := checkName("resource name", n, MaxResourceNameLen); err != nil {
+			return nil, nil, err
+		}
+		mode[n] = true
+	}
+	for _, n := range shared {
+		if err := checkName("resource name", n, MaxResourceNameLen); err != nil {
+			return nil, nil, err
+		}
+		if _, ok := mode[n]; !ok {
+			mode[n] = false
+		}
+	}
+	if len(mode) > MaxResources {
+		return nil, nil, inputErr("resources", "%d distinct names, at most %d allowed", len(mode), MaxResources)
+	}
+	excl, sh := []string{}, []string{}
+	for n, x := range mode {
+		if x {
+			excl = append(excl, n)
+		} else {
+			sh = append(sh, n)
+		}
+	}
+	sort.Strings(excl)
+	sort.Strings(sh)
+	return excl, sh, nil
+}
+
+func checkName(field, s string, max int) error {
+	switch {
+	case s == "":
+		return inputErr(field, "empty")
+	case len(s) > max:
+		return inputErr(field, "%d bytes, at most %d allowed", len(s), max)
+	case !utf8.ValidString(s):
+		return inputErr(field, "not valid UTF-8")
+	case containsNUL(s):
+		return inputErr(field, "contains a NUL byte")
+	}
+	return nil
+}
+
+func containsNUL(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] == 0 {
+			return true
+		}
+	}
+	return false
+}

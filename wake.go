@@ -1,0 +1,230 @@
+package tasking
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// wakeBus carries wake-ups between dispatchers and workers: "a task was
+// dispatched" and "resources were released". It only makes workers look
+// sooner; a lost wake-up costs latency (the jittered poll catches up),
+// never correctness.
+type wakeBus interface {
+	// dispatchChannel is the NOTIFY channel the dispatch statement signals
+	// on commit, or "" when the bus wakes workers some other way.
+	dispatchChannel() string
+	// dispatched is called after an autocommitted dispatch.
+	dispatched(ctx context.Context)
+	// released is called after a worker released resources.
+	released(ctx context.Context)
+	// listen calls wake for every wake-up until ctx is done.
+	listen(ctx context.Context, wake func()) error
+}
+
+// newBus picks the wake-up transport that goes with the client's locker.
+func newBus(c *Client) wakeBus {
+	if b, ok := c.locker.(interface{ newBus(*Client) wakeBus }); ok {
+		return b.newBus(c)
+	}
+	return &pgBus{c: c, channel: notifyChannel(c.schema)}
+}
+
+// notifyChannel names the schema's NOTIFY channel, within PostgreSQL's
+// 63-byte identifier limit.
+func notifyChannel(schema string) string {
+	ch := "tasking:" + schema
+	if len(ch) > 63 {
+		sum := sha256.Sum256([]byte(schema))
+		ch = "tasking:" + hex.EncodeToString(sum[:16])
+	}
+	return ch
+}
+
+// pgBus wakes workers with LISTEN/NOTIFY.
+type pgBus struct {
+	c       *Client
+	channel string
+}
+
+func (b *pgBus) dispatchChannel() string { return b.channel }
+
+func (b *pgBus) dispatched(context.Context) {} // the dispatch statement notified
+
+func (b *pgBus) released(ctx context.Context) {
+	if _, err := b.c.pool.Exec(ctx, "SELECT pg_notify($1, 'r')", b.channel); err != nil && ctx.Err() == nil {
+		b.c.log.Warn("tasking: release wake-up not sent", "err", err)
+	}
+}
+
+// listen holds a dedicated connection in LISTEN, reconnecting with backoff.
+func (b *pgBus) listen(ctx context.Context, wake func()) error {
+	backoff := 50 * time.Millisecond
+	warned := false
+	for ctx.Err() == nil {
+		err := b.listenOnce(ctx, wake, func() { backoff = 50 * time.Millisecond; warned = false })
+		if ctx.Err() != nil {
+			break
+		}
+		if !warned {
+			b.c.log.Warn("tasking: LISTEN connection lost; polling until it is back", "err", err)
+			warned = true
+		}
+		wake() // something may have been missed
+		sleepCtx(ctx, jitter(backoff))
+		backoff = min(backoff*2, 5*time.Second)
+	}
+	return nil
+}
+
+func (b *pgBus) listenOnce(ctx context.Context, wake func(), connected func()) error {
+	conn, err := pgx.ConnectConfig(ctx, b.c.pool.Config().ConnConfig.Copy())
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	if _, err := conn.Exec(ctx, "LISTEN "+pgx.Identifier{b.channel}.Sanitize()); err != nil {
+		return err
+	}
+	connected()
+	wake() // tasks may have arrived while we were not listening
+	for {
+		if _, err := conn.WaitForNotification(ctx); err != nil {
+			return err
+		}
+		wake()
+	}
+}
+
+// waiters serves Client.Wait: one goroutine polls for all waiting calls at
+// once, faster right after a wake-up, slower as time passes.
+type waiters struct {
+	c       *Client
+	mu      sync.Mutex
+	m       map[int64][]chan *Task
+	kick    chan struct{}
+	polling bool
+}
+
+func newWaiters(c *Client) *waiters {
+	return &waiters{c: c, m: make(map[int64][]chan *Task), kick: make(chan struct{}, 1)}
+}
+
+func (w *waiters) wait(ctx context.Context, id int64) (*Task, error) {
+	ch := make(chan *Task, 1)
+	w.mu.Lock()
+	w.m[id] = append(w.m[id], ch)
+	if !w.polling {
+		w.polling = true
+		go w.poll()
+	}
+	w.mu.Unlock()
+	w.poke()
+	select {
+	case t := <-ch:
+		return t, nil
+	case <-ctx.Done():
+		w.mu.Lock()
+		chans := w.m[id]
+		for i, c := range chans {
+			if c == ch {
+				chans = append(chans[:i], chans[i+1:]...)
+				break
+			}
+		}
+		if len(chans) == 0 {
+			delete(w.m, id)
+		} else {
+			w.m[id] = chans
+		}
+		w.mu.Unlock()
+		select {
+		case t := <-ch: // delivered while we were giving up
+			return t, nil
+		default:
+		}
+		return nil, context.Cause(ctx)
+	}
+}
+
+// poke makes the poller look now (a task was finished in this process).
+func (w *waiters) poke() {
+	select {
+	case w.kick <- struct{}{}:
+	default:
+	}
+}
+
+const (
+	waitPollMin = 5 * time.Millisecond
+	waitPollMax = 500 * time.Millisecond
+)
+
+func (w *waiters) poll() {
+	interval := waitPollMin
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	for {
+		select {
+		case <-w.kick:
+			interval = waitPollMin
+		case <-timer.C:
+		}
+		w.mu.Lock()
+		if len(w.m) == 0 {
+			w.polling = false
+			w.mu.Unlock()
+			return
+		}
+		ids := make([]int64, 0, len(w.m))
+		for id := range w.m {
+			ids = append(ids, id)
+		}
+		w.mu.Unlock()
+
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		done, err := w.c.finals(ctx, ids)
+		cancel()
+		if err != nil {
+			w.c.log.Warn("tasking: wait poll failed", "err", err)
+		}
+		w.mu.Lock()
+		for _, t := range done {
+			for _, ch := range w.m[t.ID] {
+				ch <- t
+			}
+			delete(w.m, t.ID)
+		}
+		w.mu.Unlock()
+		if !timer.Stop() {
+			select {
+			case <-timer.C:
+			default:
+			}
+		}
+		timer.Reset(jitter(interval))
+		interval = min(interval*2, waitPollMax)
+	}
+}
+
+// jitter returns d ± 20%.
+func jitter(d time.Duration) time.Duration {
+	if d <= 0 {
+		return 0
+	}
+	return d - d/5 + rand.N(2*d/5+1)
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+	case <-t.C:
+	}
+}
