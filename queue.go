@@ -27,6 +27,7 @@ type querier interface {
 type queries struct {
 	dispatch string
 	get      string
+	list     string
 	finals   string
 	window   string
 	holding  string
@@ -47,6 +48,10 @@ func newQueries(schema string) queries {
 	return queries{
 		dispatch: `SELECT id, created_at FROM ` + s + `.dispatch($1, $2, $3, $4, $5, $6, $7)`,
 		get:      `SELECT ` + taskCols + ` FROM ` + s + `.tasks WHERE id = $1`,
+		list: `SELECT ` + taskCols + ` FROM ` + s + `.tasks
+			WHERE id > $1 AND ($2 = '' OR state = $2) AND ($3 = '' OR name = $3)
+			  AND ($4 = '' OR $4 = ANY(exclusive) OR $4 = ANY(shared))
+			ORDER BY id LIMIT $5`,
 		finals: `SELECT ` + taskCols + ` FROM ` + s + `.tasks
 			WHERE id = ANY($1) AND state IN ('completed', 'failed', 'canceled')`,
 		window: `SELECT id, name, exclusive, shared FROM ` + s + `.tasks
@@ -293,4 +298,55 @@ func (c *Client) finish(ctx context.Context, worker int64, batch []outcome) (map
 		done[id] = true
 	}
 	return done, rows.Err()
+}
+
+// ListFilter selects tasks for [Client.List]. Zero fields match everything.
+type ListFilter struct {
+	State    State  // only tasks in this state
+	Name     string // only tasks with this name
+	Resource string // only tasks naming this resource, in either mode
+	After    int64  // cursor: only tasks with a larger id (pass the previous page's next)
+	Limit    int    // page size; default 100, at most 10,000
+}
+
+// List returns tasks matching f in id (dispatch) order, and the cursor for
+// the next page, 0 when there are no more. Listing the waiting tasks that
+// name a resource shows what is queued on it, in the order it will run.
+func (c *Client) List(ctx context.Context, f ListFilter) ([]*Task, int64, error) {
+	if f.Limit == 0 {
+		f.Limit = 100
+	}
+	if f.Limit < 0 || f.Limit > 10000 {
+		return nil, 0, inputErr("limit", "%d, need 1 to 10000", f.Limit)
+	}
+	switch f.State {
+	case "", StateWaiting, StateRunning, StateCanceling, StateCompleted, StateFailed, StateCanceled:
+	default:
+		return nil, 0, inputErr("state", "unknown state %q", f.State)
+	}
+	if err := c.checkSchema(ctx); err != nil {
+		return nil, 0, err
+	}
+	rows, err := c.pool.Query(ctx, c.q.list, f.After, string(f.State), f.Name, f.Resource, f.Limit+1)
+	if err != nil {
+		return nil, 0, fmt.Errorf("tasking: list tasks: %w", err)
+	}
+	defer rows.Close()
+	var out []*Task
+	for rows.Next() {
+		t, err := scanTask(rows)
+		if err != nil {
+			return nil, 0, fmt.Errorf("tasking: list tasks: %w", err)
+		}
+		out = append(out, t)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, 0, fmt.Errorf("tasking: list tasks: %w", err)
+	}
+	var next int64
+	if len(out) > f.Limit {
+		out = out[:f.Limit]
+		next = out[len(out)-1].ID
+	}
+	return out, next, nil
 }

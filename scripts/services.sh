@@ -32,6 +32,7 @@
 
 if [ -z "${BASH_VERSION:-}" ]; then
 	echo "services.sh: needs bash" >&2
+	# shellcheck disable=SC2317 # exit is reached when executed, not sourced
 	return 1 2>/dev/null || exit 1
 fi
 
@@ -120,6 +121,7 @@ _tasking_redis_ok() {
 		reply=$(timeout 3 redis-cli -h "$_tasking_host" -p "$_tasking_port" ping 2>/dev/null) || return 1
 	else
 		# Speak just enough RESP by hand: send PING, expect "+PONG".
+		# shellcheck disable=SC2016 # $1/$2 expand in the inner bash
 		reply=$(timeout 3 bash -c '
 			exec 3<>"/dev/tcp/$1/$2" || exit 1
 			printf "PING\r\n" >&3
@@ -155,7 +157,9 @@ _tasking_find_pg_bindir() {
 	if [ -n "${TASKING_PG_BINDIR:-}" ]; then
 		candidates=("$TASKING_PG_BINDIR")
 	else
-		# sort -V so that e.g. 16 beats 9.6; newest first.
+		# sort -V so that e.g. 16 beats 9.6; newest first. (The paths are
+		# fixed and space-free, so parsing ls is fine here.)
+		# shellcheck disable=SC2012
 		while IFS= read -r d; do
 			candidates+=("$d")
 		done < <(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -rV)

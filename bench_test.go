@@ -1,0 +1,75 @@
+package tasking_test
+
+import (
+	"context"
+	"fmt"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/tasking-go/tasking"
+)
+
+// BenchmarkDrain dispatches a backlog of no-op tasks, then measures how fast
+// workers drain it: go test -run ^$ -bench Drain -benchtime 1x .
+// The reported tasks/s counts from the first start to the last finish.
+func BenchmarkDrain(b *testing.B) {
+	for _, wl := range []string{"noop", "mix"} {
+		b.Run(wl, func(b *testing.B) {
+			for _, lk := range []string{"postgres"} {
+				b.Run(lk, func(b *testing.B) { benchDrain(b, wl, lk, 20000, 80) })
+			}
+		})
+	}
+}
+
+func benchDrain(b *testing.B, workload, locker string, n, slots int) {
+	var rate float64
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		var opts []tasking.Option
+		if locker == "memory" {
+			opts = append(opts, tasking.WithLocker(tasking.NewMemoryLocker()))
+		}
+		c := newClient(b, opts...)
+		ctx := context.Background()
+		specs := make([]tasking.TaskSpec, 0, 1000)
+		for j := 0; j < n; j++ {
+			var o []tasking.DispatchOption
+			if workload == "mix" {
+				o = append(o, tasking.Exclusive(fmt.Sprintf("e%d", j%1000)), tasking.Shared(fmt.Sprintf("s%d", j%10)))
+			}
+			specs = append(specs, tasking.Spec("noop", nil, o...))
+			if len(specs) == cap(specs) || j == n-1 {
+				_, err := c.DispatchMany(ctx, specs...)
+				require.NoError(b, err)
+				specs = specs[:0]
+			}
+		}
+		var done atomic.Int64
+		var first, last atomic.Int64
+		finished := make(chan struct{})
+		w := tasking.NewWorker(c, tasking.WithSlots(slots))
+		w.Handle("noop", func(ctx context.Context, t *tasking.Task) error {
+			now := time.Now().UnixNano()
+			first.CompareAndSwap(0, now)
+			if done.Add(1) == int64(n) {
+				last.Store(now)
+				close(finished)
+			}
+			return nil
+		})
+		b.StartTimer()
+		rctx, cancel := context.WithCancel(ctx)
+		errc := make(chan error, 1)
+		go func() { errc <- w.Run(rctx) }()
+		<-finished
+		b.StopTimer()
+		cancel()
+		require.NoError(b, <-errc)
+		rate = float64(n) / (float64(last.Load()-first.Load()) / 1e9)
+	}
+	b.ReportMetric(rate, "tasks/s")
+}
