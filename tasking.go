@@ -285,6 +285,11 @@ func (c *Client) Dispatch(ctx context.Context, name string, args any, opts ...Di
 // exists if and only if the caller commits. Until then, later conflicting
 // dispatches wait for the transaction (that is what keeps their order), so
 // keep such transactions short.
+//
+// With the PostgreSQL locker the commit itself wakes the workers. With the
+// Redis locker nothing can tell Redis about the caller's commit, so the task
+// is picked up on the workers' next wake-up or poll ([WithPollInterval],
+// default 1s ±20%), unless the caller calls [Client.Notify] after the commit.
 func (c *Client) DispatchTx(ctx context.Context, tx pgx.Tx, name string, args any, opts ...DispatchOption) (*Task, error) {
 	ts, err := c.DispatchManyTx(ctx, tx, Spec(name, args, opts...))
 	if err != nil {
@@ -326,6 +331,19 @@ func (c *Client) dispatch(ctx context.Context, db querier, specs []TaskSpec, aut
 		c.bus.dispatched(ctx)
 	}
 	return tasks, nil
+}
+
+// Notify wakes the client's workers now, so they look for waiting tasks.
+// Dispatch and DispatchMany do it themselves. Call it after committing a
+// transaction that used DispatchTx when the workers use the Redis locker:
+// they are woken through Redis, which cannot see the commit. With the
+// PostgreSQL locker the commit already woke them and Notify only sends one
+// more wake-up.
+func (c *Client) Notify(ctx context.Context) error {
+	if err := c.bus.notify(ctx); err != nil {
+		return fmt.Errorf("tasking: notify workers: %w", err)
+	}
+	return nil
 }
 
 // Get returns the task with that id, or ErrNotFound.

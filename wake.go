@@ -23,6 +23,8 @@ type wakeBus interface {
 	dispatched(ctx context.Context)
 	// released is called after a worker released resources.
 	released(ctx context.Context)
+	// notify wakes the workers now (Client.Notify).
+	notify(ctx context.Context) error
 	// listen calls wake for every wake-up until ctx is done.
 	listen(ctx context.Context, wake func()) error
 }
@@ -60,6 +62,11 @@ func (b *pgBus) released(ctx context.Context) {
 	if _, err := b.c.pool.Exec(ctx, "SELECT pg_notify($1, 'r')", b.channel); err != nil && ctx.Err() == nil {
 		b.c.log.Warn("tasking: release wake-up not sent", "err", err)
 	}
+}
+
+func (b *pgBus) notify(ctx context.Context) error {
+	_, err := b.c.pool.Exec(ctx, "SELECT pg_notify($1, 'd')", b.channel)
+	return err
 }
 
 // listen holds a dedicated connection in LISTEN, reconnecting with backoff.
