@@ -279,6 +279,9 @@ func (r *run) start(t *Task) {
 	go func() {
 		defer r.handlerW.Done()
 		err := r.call(hctx, t)
+		if lc, ok := r.lock.(leaseChecker); ok && a.names {
+			lc.checkLease(Owner{r.id, t.ID}) // may call r.lost, before a.lost is read
+		}
 		cause := context.Cause(hctx)
 		cancel(nil)
 
@@ -303,6 +306,14 @@ func (r *run) start(t *Task) {
 		}
 		r.sendMu.RUnlock()
 	}()
+}
+
+// leaseChecker is implemented by lock sessions whose grants are leases that
+// can run out before the session notices (the Redis locker after a process
+// pause). checkLease reports o's grant through OnLost if its lease may have
+// run out, so the task fails with "lock lost" instead of completing.
+type leaseChecker interface {
+	checkLease(o Owner)
 }
 
 func errorText(err error) string {
