@@ -45,6 +45,13 @@ var lockerCases = []struct {
 		l := tasking.NewMemoryLocker() // one lock space for the whole in-process fleet
 		return func() tasking.ResourceLocker { return l }
 	}},
+	{"redis", func(t testing.TB) func() tasking.ResourceLocker {
+		ns := testdb.Name("ns") // one namespace per test, shared by its fleet
+		return func() tasking.ResourceLocker {
+			// Every worker its own connection, as in separate processes.
+			return tasking.NewRedisLocker(newRedis(t, testdb.RedisAddr()), tasking.WithRedisNamespace(ns))
+		}
+	}},
 }
 
 // event records one handler run with a global order of starts and ends.
