@@ -405,3 +405,46 @@ func TestRedisNotifyAfterDispatchTx(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, tasking.StateCompleted, done.State)
 }
+
+// TestRedisCluster runs a worker against a one-node Redis Cluster through
+// rueidis's cluster client, which refuses commands whose keys span slots:
+// scripts, renewals, releases and pub/sub wake-ups all work there.
+func TestRedisCluster(t *testing.T) {
+	t.Parallel()
+	srv := testdb.StartRedis(t, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+	ctx := ctxT(t, time.Minute)
+	admin, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{srv.Addr()}, DisableCache: true, ForceSingleClient: true})
+	require.NoError(t, err)
+	defer admin.Close()
+	require.NoError(t, admin.Do(ctx, admin.B().Arbitrary("CLUSTER", "ADDSLOTSRANGE").Args("0", "16383").Build()).Error())
+	for {
+		info, err := admin.Do(ctx, admin.B().ClusterInfo().Build()).ToString()
+		require.NoError(t, err)
+		if strings.Contains(info, "cluster_state:ok") {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	rdb := newRedis(t, srv.Addr())
+	require.Equal(t, rueidis.ClientModeCluster, rdb.Mode())
+
+	c := newClient(t, tasking.WithLocker(tasking.NewRedisLocker(rdb,
+		tasking.WithRedisLease(time.Second), tasking.WithRedisRenewInterval(50*time.Millisecond))))
+	w := tasking.NewWorker(c, tasking.WithSlots(4), tasking.WithPollInterval(time.Hour)) // wake-ups only
+	w.Handle("t", func(context.Context, *tasking.Task) error {
+		time.Sleep(60 * time.Millisecond) // through a renewal
+		return nil
+	})
+	runWorker(t, w)
+	var specs []tasking.TaskSpec
+	for _, n := range weirdNames {
+		specs = append(specs, tasking.Spec("t", nil, tasking.Exclusive(n), tasking.Shared("common")))
+	}
+	tasks, err := c.DispatchMany(ctx, specs...)
+	require.NoError(t, err)
+	for _, task := range tasks {
+		done, err := c.Wait(ctx, task.ID)
+		require.NoError(t, err)
+		require.Equal(t, tasking.StateCompleted, done.State, done.Error)
+	}
+}
