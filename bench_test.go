@@ -10,6 +10,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/tasking-go/tasking"
+	"github.com/tasking-go/tasking/internal/testdb"
 )
 
 // BenchmarkDrain dispatches a backlog of no-op tasks, then measures how fast
@@ -18,7 +19,7 @@ import (
 func BenchmarkDrain(b *testing.B) {
 	for _, wl := range []string{"noop", "mix"} {
 		b.Run(wl, func(b *testing.B) {
-			for _, lk := range []string{"postgres"} {
+			for _, lk := range []string{"postgres", "redis"} {
 				b.Run(lk, func(b *testing.B) { benchDrain(b, wl, lk, 20000, 80) })
 			}
 		})
@@ -30,8 +31,11 @@ func benchDrain(b *testing.B, workload, locker string, n, slots int) {
 	for i := 0; i < b.N; i++ {
 		b.StopTimer()
 		var opts []tasking.Option
-		if locker == "memory" {
+		switch locker {
+		case "memory":
 			opts = append(opts, tasking.WithLocker(tasking.NewMemoryLocker()))
+		case "redis":
+			opts = append(opts, tasking.WithLocker(tasking.NewRedisLocker(newRedis(b, testdb.RedisAddr()))))
 		}
 		c := newClient(b, opts...)
 		ctx := context.Background()
