@@ -190,7 +190,7 @@ func (h *redisHealth) failed(log *slog.Logger, rdb rueidis.Client, what string, 
 	h.down = true
 	h.mu.Unlock()
 	if first {
-		log.Warn("tasking: redis unreachable; not admitting tasks until it is back",
+		log.Warn("tasking: redis unreachable; admission paused until it is back",
 			"addr", redisAddr(rdb), "during", what, "err", err)
 	}
 }
