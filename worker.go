@@ -236,6 +236,7 @@ type run struct {
 	id       int64
 	log      *slog.Logger
 	handlers map[string]HandlerFunc
+	names    []string // handled task names, for the claim of tasks without resources
 	lock     LockSession
 
 	// base parents every handler context; canceling it cuts off handlers at
@@ -269,8 +270,13 @@ type activeTask struct {
 
 func newRun(w *Worker, id int64, handlers map[string]HandlerFunc) *run {
 	base, cancelAll := context.WithCancelCause(context.Background())
+	names := make([]string, 0, len(handlers))
+	for n := range handlers {
+		names = append(names, n)
+	}
 	return &run{
-		w: w, c: w.c, id: id, handlers: handlers,
+		names: names,
+		w:     w, c: w.c, id: id, handlers: handlers,
 		log:       w.c.log.With("worker", w.cfg.name, "worker_id", id),
 		base:      base,
 		cancelAll: cancelAll,

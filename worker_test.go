@@ -3,10 +3,10 @@ package tasking_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/require"
 
 	"github.com/tasking-go/tasking"
@@ -140,14 +140,10 @@ func TestPostgresLockLost(t *testing.T) {
 	require.NoError(t, err)
 	<-started
 
-	// Kill the backend holding the task's advisory lock: the worker's lock
-	// connection (the only session holding advisory locks in this schema's
-	// run-key space that belongs to this worker's application).
+	// Kill the worker's lock connection, which holds the task's lock.
 	var killed bool
-	err = pool.QueryRow(ctx, `SELECT pg_terminate_backend(l.pid) FROM pg_locks l
-		JOIN pg_stat_activity a ON a.pid = l.pid
-		WHERE l.locktype = 'advisory' AND l.granted AND a.query LIKE $1 LIMIT 1`,
-		"%"+pgx.Identifier{c.Schema()}.Sanitize()+".lock_batch%").Scan(&killed)
+	err = pool.QueryRow(ctx, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+		WHERE application_name = $1`, fmt.Sprintf("tasking lock %d", w.ID())).Scan(&killed)
 	require.NoError(t, err)
 	require.True(t, killed)
 
