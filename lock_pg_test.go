@@ -1,7 +1,7 @@
 package tasking_test
 
 import (
-	"context"
+	"math/rand/v2"
 	"slices"
 	"testing"
 	"time"
@@ -19,13 +19,12 @@ import (
 // and the session reconnects on its next call.
 func TestPostgresLockerConnectionLost(t *testing.T) {
 	t.Parallel()
-	// The lock connection copies the pool's settings, application_name
-	// included, which singles out its backend among those of parallel tests.
-	app := testdb.Name("lockertest")
-	poolA := appPool(t, app)
-	schema := migratedSchema(t, poolA)
-	poolB := testdb.Pool(t, 2)
+	pool := testdb.Pool(t, 4)
+	schema := migratedSchema(t, pool)
 	locker := tasking.NewPostgresLocker(tasking.WithLockCheckInterval(50 * time.Millisecond))
+	// The lock connection's application_name carries its worker id; an id no
+	// parallel test uses singles out its backend.
+	wa := 1e12 + rand.Int64N(1e12)
 
 	type loss struct {
 		owners []tasking.Owner
@@ -33,7 +32,7 @@ func TestPostgresLockerConnectionLost(t *testing.T) {
 	}
 	lost := make(chan loss, 8)
 	a := openLockSession(t, locker, tasking.LockSessionConfig{
-		Worker: 1, Pool: poolA, Schema: schema,
+		Worker: wa, Pool: pool, Schema: schema,
 		OnLost: func(owners []tasking.Owner, cause error) {
 			select {
 			case lost <- loss{slices.Clone(owners), cause}:
@@ -42,15 +41,15 @@ func TestPostgresLockerConnectionLost(t *testing.T) {
 			}
 		},
 	})
-	b := openLockSession(t, locker, tasking.LockSessionConfig{Worker: 2, Pool: poolB, Schema: schema})
+	b := openLockSession(t, locker, tasking.LockSessionConfig{Worker: 2, Pool: pool, Schema: schema})
 
-	requireGrant(t, a, exclReq(lockOwner(1, 1), "a1", "a2"))
-	requireGrant(t, a, sharedReq(lockOwner(1, 2), "s"))
-	requireGrant(t, a, sharedReq(lockOwner(1, 3), "s")) // granted from the session's own table
-	requireGrant(t, a, exclReq(lockOwner(1, 4), "gone"))
-	lockRelease(t, a, lockOwner(1, 4)) // released before the loss: not lost
+	requireGrant(t, a, exclReq(lockOwner(wa, 1), "a1", "a2"))
+	requireGrant(t, a, sharedReq(lockOwner(wa, 2), "s"))
+	requireGrant(t, a, sharedReq(lockOwner(wa, 3), "s")) // granted from the session's own table
+	requireGrant(t, a, exclReq(lockOwner(wa, 4), "gone"))
+	lockRelease(t, a, lockOwner(wa, 4)) // released before the loss: not lost
 	requireGrant(t, b, exclReq(lockOwner(2, 1), "b"))
-	requireDeny(t, a, exclReq(lockOwner(1, 5), "a3", "b")) // denied: not lost
+	requireDeny(t, a, exclReq(lockOwner(wa, 5), "a3", "b")) // denied: not lost
 
 	waitLoss := func(want ...tasking.Owner) {
 		t.Helper()
@@ -65,54 +64,39 @@ func TestPostgresLockerConnectionLost(t *testing.T) {
 		}
 	}
 
-	pid := terminateLockBackend(t, poolB, app)
-	waitLoss(lockOwner(1, 1), lockOwner(1, 2), lockOwner(1, 3))
+	pid := terminateLockBackend(t, pool, wa)
+	waitLoss(lockOwner(wa, 1), lockOwner(wa, 2), lockOwner(wa, 3))
 	requireNamesFree(t, b, 2, "a1", "a2", "s", "a3", "gone")
 
 	// The next call reconnects. The session's own table is empty too: were
 	// the lost shared grants still in it, an exclusive "s" would be denied.
-	requireGrant(t, a, exclReq(lockOwner(1, 6), "s"))
-	requireGrant(t, a, exclReq(lockOwner(1, 7), "a1"))
+	requireGrant(t, a, exclReq(lockOwner(wa, 6), "s"))
+	requireGrant(t, a, exclReq(lockOwner(wa, 7), "a1"))
 	// Held on the server again, and B's grant survived.
 	requireNamesTaken(t, b, 2, "s", "a1")
-	requireDeny(t, a, exclReq(lockOwner(1, 8), "b"))
+	requireDeny(t, a, exclReq(lockOwner(wa, 8), "b"))
 	// Releasing the lost owners has nothing left to do.
-	lockRelease(t, a, lockOwner(1, 1), lockOwner(1, 2), lockOwner(1, 3))
+	lockRelease(t, a, lockOwner(wa, 1), lockOwner(wa, 2), lockOwner(wa, 3))
 	requireNamesTaken(t, b, 2, "s", "a1")
 	require.Empty(t, lost, "a single loss reported more than once")
 
 	// The new connection is watched as well.
-	pid2 := terminateLockBackend(t, poolB, app)
+	pid2 := terminateLockBackend(t, pool, wa)
 	require.NotEqual(t, pid, pid2)
-	waitLoss(lockOwner(1, 6), lockOwner(1, 7))
+	waitLoss(lockOwner(wa, 6), lockOwner(wa, 7))
 	requireNamesFree(t, b, 2, "s", "a1")
 	require.Empty(t, lost)
 }
 
-// appPool returns a pool whose connections carry application_name app.
-func appPool(t testing.TB, app string) *pgxpool.Pool {
-	t.Helper()
-	cfg, err := pgxpool.ParseConfig(testdb.DatabaseURL())
-	require.NoError(t, err)
-	cfg.MaxConns = 4
-	cfg.ConnConfig.RuntimeParams["application_name"] = app
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	pool, err := pgxpool.NewWithConfig(ctx, cfg)
-	require.NoError(t, err)
-	t.Cleanup(pool.Close)
-	return pool
-}
-
-// terminateLockBackend ends the one backend of application app that holds
-// advisory locks (the lock connection; the pool's own connections hold
-// none), waits until it is gone, and returns its pid.
-func terminateLockBackend(t testing.TB, pool *pgxpool.Pool, app string) int32 {
+// terminateLockBackend ends the lock connection of worker: the one backend
+// holding advisory locks whose application_name names the worker. It waits
+// until the backend is gone and returns its pid.
+func terminateLockBackend(t testing.TB, pool *pgxpool.Pool, worker int64) int32 {
 	t.Helper()
 	rows, err := pool.Query(t.Context(), `
 		SELECT DISTINCT l.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-		 WHERE l.locktype = 'advisory' AND l.granted AND a.application_name = $1
-		   AND l.pid <> pg_backend_pid()`, app)
+		 WHERE l.locktype = 'advisory' AND l.granted AND l.pid <> pg_backend_pid()
+		   AND a.application_name ~ ('\m' || $1::bigint || '\M')`, worker)
 	require.NoError(t, err)
 	var pids []int32
 	for rows.Next() {
@@ -121,7 +105,7 @@ func terminateLockBackend(t testing.TB, pool *pgxpool.Pool, app string) int32 {
 		pids = append(pids, pid)
 	}
 	require.NoError(t, rows.Err())
-	require.Len(t, pids, 1, "backends of %s holding advisory locks", app)
+	require.Len(t, pids, 1, "backends holding advisory locks whose application_name names worker %d", worker)
 	// With a timeout, pg_terminate_backend waits until the backend has
 	// exited, so its locks are gone when it returns.
 	var ok bool

@@ -89,7 +89,10 @@ func newQueries(schema string) queries {
 		lock: `SELECT req, fence FROM ` + s + `.lock_batch($1, $2, $3, $4, $5)`,
 		register: `INSERT INTO ` + s + `.workers (name, host, pid, locker) VALUES ($1, $2, $3, $4)
 			RETURNING id`,
-		beat:   `UPDATE ` + s + `.workers SET heartbeat_at = now() WHERE id = $1`,
+		// The heartbeat also counts the live workers, which spreads the
+		// fleet's fallback polls (see pollEvery).
+		beat: `UPDATE ` + s + `.workers SET heartbeat_at = now() WHERE id = $1
+			RETURNING (SELECT count(*) FROM ` + s + `.workers WHERE heartbeat_at > now() - $2::interval)`,
 		retire: `DELETE FROM ` + s + `.workers WHERE id = $1`,
 		liveKind: `SELECT locker, name FROM ` + s + `.workers
 			WHERE locker <> $1 AND heartbeat_at > now() - $2::interval LIMIT 1`,

@@ -26,7 +26,7 @@ const (
 // schedule is the scheduler loop: one admission cycle per wake-up or poll
 // while slots are free.
 func (r *run) schedule(ctx context.Context) {
-	poll := time.NewTimer(jitter(r.w.cfg.poll))
+	poll := time.NewTimer(r.pollEvery())
 	defer poll.Stop()
 	retries := 0
 	failing := false
@@ -38,7 +38,7 @@ func (r *run) schedule(ctx context.Context) {
 				return
 			case <-r.wake:
 			case <-poll.C:
-				poll.Reset(jitter(r.w.cfg.poll))
+				poll.Reset(r.pollEvery())
 			}
 		} else {
 			// A race lost to another worker: look again shortly rather than
