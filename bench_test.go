@@ -20,13 +20,15 @@ func BenchmarkDrain(b *testing.B) {
 	for _, wl := range []string{"noop", "mix"} {
 		b.Run(wl, func(b *testing.B) {
 			for _, lk := range []string{"postgres", "redis"} {
-				b.Run(lk, func(b *testing.B) { benchDrain(b, wl, lk, 20000, 80) })
+				b.Run(lk, func(b *testing.B) { benchDrain(b, wl, lk, 20000, 80, 1) })
+				b.Run(lk+"/4workers", func(b *testing.B) { benchDrain(b, wl, lk, 20000, 20, 4) })
 			}
 		})
 	}
 }
 
-func benchDrain(b *testing.B, workload, locker string, n, slots int) {
+// benchDrain drains n tasks with workers Workers of slots slots each.
+func benchDrain(b *testing.B, workload, locker string, n, slots, workers int) {
 	var rate float64
 	for i := 0; i < b.N; i++ {
 		b.StopTimer()
@@ -55,8 +57,7 @@ func benchDrain(b *testing.B, workload, locker string, n, slots int) {
 		var done atomic.Int64
 		var first, last atomic.Int64
 		finished := make(chan struct{})
-		w := tasking.NewWorker(c, tasking.WithSlots(slots))
-		w.Handle("noop", func(ctx context.Context, t *tasking.Task) error {
+		handler := func(ctx context.Context, t *tasking.Task) error {
 			now := time.Now().UnixNano()
 			first.CompareAndSwap(0, now)
 			if done.Add(1) == int64(n) {
@@ -64,15 +65,21 @@ func benchDrain(b *testing.B, workload, locker string, n, slots int) {
 				close(finished)
 			}
 			return nil
-		})
+		}
 		b.StartTimer()
 		rctx, cancel := context.WithCancel(ctx)
-		errc := make(chan error, 1)
-		go func() { errc <- w.Run(rctx) }()
+		errc := make(chan error, workers)
+		for k := 0; k < workers; k++ {
+			w := tasking.NewWorker(c, tasking.WithSlots(slots))
+			w.Handle("noop", handler)
+			go func() { errc <- w.Run(rctx) }()
+		}
 		<-finished
 		b.StopTimer()
 		cancel()
-		require.NoError(b, <-errc)
+		for k := 0; k < workers; k++ {
+			require.NoError(b, <-errc)
+		}
 		rate = float64(n) / (float64(last.Load()-first.Load()) / 1e9)
 	}
 	b.ReportMetric(rate, "tasks/s")

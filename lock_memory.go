@@ -94,6 +94,9 @@ func (s *memorySession) Release(ctx context.Context, owners []Owner) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	for _, o := range owners {
+		if o.Worker != s.worker {
+			continue // another worker's grant is never this session's to drop
+		}
 		for _, h := range l.owned[o] {
 			m := l.locks[h.name]
 			if m == nil {

@@ -98,7 +98,10 @@ type pgSession struct {
 
 // connect opens the lock connection. Caller holds mu.
 func (s *pgSession) connect(ctx context.Context) error {
-	conn, err := pgx.ConnectConfig(ctx, s.cfg.Pool.Config().ConnConfig.Copy())
+	cc := s.cfg.Pool.Config().ConnConfig.Copy()
+	// Named so operators (and tests) can tell a worker's lock session apart.
+	cc.RuntimeParams["application_name"] = fmt.Sprintf("tasking lock %d", s.cfg.Worker)
+	conn, err := pgx.ConnectConfig(ctx, cc)
 	if err != nil {
 		return fmt.Errorf("tasking: open lock connection: %w", err)
 	}
@@ -131,6 +134,18 @@ func (s *pgSession) fail(cause error) func() {
 		return func() {}
 	}
 	return func() { s.cfg.OnLost(lost, cause) }
+}
+
+// failIfBroken drops the session when err left the connection closed: a
+// statement cut off mid-flight (context canceled, network gone) closes it,
+// and the server then drops its locks. An error that left the connection
+// open (a context done before anything was sent, an SQL error) changed
+// nothing on the server. Caller holds mu.
+func (s *pgSession) failIfBroken(err error) func() {
+	if s.conn != nil && !s.conn.IsClosed() {
+		return func() {}
+	}
+	return s.fail(fmt.Errorf("%w: lock connection failed: %v", ErrLockLost, err))
 }
 
 // watch checks the connection while grants are held.
@@ -242,7 +257,7 @@ func (s *pgSession) TryAcquire(ctx context.Context, reqs []LockRequest) ([]int64
 		}
 	}
 	if err != nil {
-		report = s.fail(fmt.Errorf("%w: lock connection failed: %v", ErrLockLost, err))
+		report = s.failIfBroken(err)
 		return nil, fmt.Errorf("tasking: acquire locks: %w", err)
 	}
 	for i, r := range reqs {
@@ -302,7 +317,7 @@ func (s *pgSession) release(ctx context.Context, owners []Owner, channel string)
 			pgx.Identifier{s.cfg.Schema}.Sanitize()+`.lock_batch($1, $2, '{}', '{}', '{}')) x`, keys, excl, channel)
 	}
 	if err != nil {
-		report = s.fail(fmt.Errorf("%w: lock connection failed: %v", ErrLockLost, err))
+		report = s.failIfBroken(err)
 		return fmt.Errorf("tasking: release locks: %w", err)
 	}
 	return nil
@@ -319,7 +334,12 @@ func (s *pgSession) Close(ctx context.Context) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.conn != nil {
-		s.conn.Close(ctx) // the server drops the session's locks
+		// Unlock explicitly: a closed connection's locks are only dropped
+		// once its backend has exited, a moment after Close returns.
+		if _, err := s.conn.Exec(ctx, "SELECT pg_advisory_unlock_all()"); err != nil {
+			s.cfg.Logger.Warn("tasking: unlock on close", "err", err)
+		}
+		s.conn.Close(ctx)
 		s.conn = nil
 	}
 	clear(s.table)

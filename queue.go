@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -55,16 +56,28 @@ func newQueries(schema string) queries {
 		finals: `SELECT ` + taskCols + ` FROM ` + s + `.tasks
 			WHERE id = ANY($1) AND state IN ('completed', 'failed', 'canceled')`,
 		window: `SELECT id, name, exclusive, shared FROM ` + s + `.tasks
-			WHERE state = 'waiting' AND id > $1 ORDER BY id LIMIT $2`,
+			WHERE state = 'waiting' AND (exclusive <> '{}' OR shared <> '{}') AND id > $1
+			ORDER BY id LIMIT $2`,
 		holding: `SELECT exclusive, shared FROM ` + s + `.tasks
 			WHERE state IN ('running', 'canceling') AND (exclusive <> '{}' OR shared <> '{}')`,
-		// SKIP LOCKED: a row another worker is claiming right now is left to it.
-		claim: `UPDATE ` + s + `.tasks t
+		// One claim moves the granted tasks ($2) and up to $4 tasks without
+		// resources, oldest first, that this worker handles ($3). Tasks
+		// without resources conflict with nothing, so any worker may take any
+		// of them; SKIP LOCKED leaves a row another worker is claiming right
+		// now to that worker instead of making both wait.
+		claim: `WITH granted AS (
+				SELECT id FROM ` + s + `.tasks WHERE id = ANY($2) AND state = 'waiting'
+				FOR UPDATE SKIP LOCKED
+			), free AS (
+				SELECT id FROM ` + s + `.tasks
+				WHERE state = 'waiting' AND exclusive = '{}' AND shared = '{}' AND name = ANY($3)
+				ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED
+			)
+			UPDATE ` + s + `.tasks t
 			SET state = 'running', worker_id = $1, epoch = t.epoch + 1, started_at = clock_timestamp()
-			FROM (SELECT id FROM ` + s + `.tasks WHERE id = ANY($2) AND state = 'waiting'
-			      ORDER BY id FOR UPDATE SKIP LOCKED) c
+			FROM (SELECT id FROM granted UNION ALL SELECT id FROM free) c
 			WHERE t.id = c.id
-			RETURNING t.id, t.args, t.epoch, t.created_at, t.started_at`,
+			RETURNING t.id, t.name, t.exclusive, t.shared, t.args, t.epoch, t.created_at, t.started_at`,
 		// Guarded by worker and epoch: a late write from a worker that lost
 		// its claim changes nothing. A canceling task ends canceled.
 		finish: `UPDATE ` + s + `.tasks t
@@ -76,7 +89,10 @@ func newQueries(schema string) queries {
 		lock: `SELECT req, fence FROM ` + s + `.lock_batch($1, $2, $3, $4, $5)`,
 		register: `INSERT INTO ` + s + `.workers (name, host, pid, locker) VALUES ($1, $2, $3, $4)
 			RETURNING id`,
-		beat:   `UPDATE ` + s + `.workers SET heartbeat_at = now() WHERE id = $1`,
+		// The heartbeat also counts the live workers, which spreads the
+		// fleet's fallback polls (see pollEvery).
+		beat: `UPDATE ` + s + `.workers SET heartbeat_at = now() WHERE id = $1
+			RETURNING (SELECT count(*) FROM ` + s + `.workers WHERE heartbeat_at > now() - $2::interval)`,
 		retire: `DELETE FROM ` + s + `.workers WHERE id = $1`,
 		liveKind: `SELECT locker, name FROM ` + s + `.workers
 			WHERE locker <> $1 AND heartbeat_at > now() - $2::interval LIMIT 1`,
@@ -119,7 +135,7 @@ func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch) ([]*T
 	rows, err := db.Query(ctx, c.q.dispatch, names, args, string(exclJSON), string(sharedJSON),
 		b.lockKeys, b.lockExcl, c.bus.dispatchChannel())
 	if err != nil {
-		return nil, fmt.Errorf("tasking: dispatch: %w", err)
+		return nil, dispatchErr(err)
 	}
 	type inserted struct {
 		id      int64
@@ -135,7 +151,7 @@ func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch) ([]*T
 		got = append(got, r)
 	}
 	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("tasking: dispatch: %w", err)
+		return nil, dispatchErr(err)
 	}
 	if len(got) != len(b.specs) {
 		return nil, fmt.Errorf("tasking: dispatch: inserted %d tasks, expected %d", len(got), len(b.specs))
@@ -151,6 +167,17 @@ func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch) ([]*T
 		}
 	}
 	return tasks, nil
+}
+
+// dispatchErr reports a data exception (SQLSTATE class 22) from the insert
+// as bad args: the names were checked before, so only args that JSON allows
+// and jsonb refuses (a number out of numeric's range) get here.
+func dispatchErr(err error) error {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && strings.HasPrefix(pgErr.Code, "22") {
+		return &InputError{Field: "args", Problem: "PostgreSQL cannot store them: " + pgErr.Message}
+	}
+	return fmt.Errorf("tasking: dispatch: %w", err)
 }
 
 func scanTask(row pgx.Row) (*Task, error) {
@@ -240,14 +267,17 @@ func (c *Client) readHolding(ctx context.Context, taken *admit.Taken) error {
 // claimed is one task a claim moved to running.
 type claimed struct {
 	id      int64
+	name    string
+	excl    []string
+	shared  []string
 	args    []byte
 	epoch   int
 	created time.Time
 	started time.Time
 }
 
-func (c *Client) claim(ctx context.Context, worker int64, ids []int64) ([]claimed, error) {
-	rows, err := c.pool.Query(ctx, c.q.claim, worker, ids)
+func (c *Client) claim(ctx context.Context, worker int64, ids []int64, names []string, free int) ([]claimed, error) {
+	rows, err := c.pool.Query(ctx, c.q.claim, worker, ids, names, free)
 	if err != nil {
 		return nil, err
 	}
@@ -255,7 +285,7 @@ func (c *Client) claim(ctx context.Context, worker int64, ids []int64) ([]claime
 	var out []claimed
 	for rows.Next() {
 		var r claimed
-		if err := rows.Scan(&r.id, &r.args, &r.epoch, &r.created, &r.started); err != nil {
+		if err := rows.Scan(&r.id, &r.name, &r.excl, &r.shared, &r.args, &r.epoch, &r.created, &r.started); err != nil {
 			return nil, err
 		}
 		out = append(out, r)

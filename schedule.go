@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"runtime/debug"
 	"time"
 
@@ -25,7 +26,7 @@ const (
 // schedule is the scheduler loop: one admission cycle per wake-up or poll
 // while slots are free.
 func (r *run) schedule(ctx context.Context) {
-	poll := time.NewTimer(jitter(r.w.cfg.poll))
+	poll := time.NewTimer(r.pollEvery())
 	defer poll.Stop()
 	retries := 0
 	failing := false
@@ -37,7 +38,7 @@ func (r *run) schedule(ctx context.Context) {
 				return
 			case <-r.wake:
 			case <-poll.C:
-				poll.Reset(jitter(r.w.cfg.poll))
+				poll.Reset(r.pollEvery())
 			}
 		} else {
 			// A race lost to another worker: look again shortly rather than
@@ -93,84 +94,65 @@ func (r *run) handles(name string) bool {
 	return ok
 }
 
-// cycle runs one admission: window and deeper scan, walk, lock, claim, start.
-// progress: some task started. more: candidates were left over or lost to
-// races while slots stay free.
+// cycle runs one admission: scan and walk the waiting tasks that name
+// resources, ask the locker for the candidates in one round trip, then claim
+// the granted ones, and fill the remaining free slots with tasks that name no
+// resources, in one UPDATE. progress: some task started. more: candidates
+// were denied or lost to other workers while slots stay free.
 func (r *run) cycle(ctx context.Context, free int) (progress, more bool, err error) {
 	cands, err := r.scan(ctx, free)
-	if err != nil || len(cands) == 0 {
+	if err != nil {
 		return false, false, err
 	}
-
-	// Lock: one round trip for every candidate that names resources.
-	var reqs []LockRequest
-	var reqIdx []int
-	for i, e := range cands {
-		if len(e.Exclusive)+len(e.Shared) > 0 {
-			reqs = append(reqs, LockRequest{Owner: Owner{r.id, e.ID}, Exclusive: e.Exclusive, Shared: e.Shared})
-			reqIdx = append(reqIdx, i)
+	fences := make(map[int64]int64, len(cands))
+	if len(cands) > 0 {
+		reqs := make([]LockRequest, len(cands))
+		for i, e := range cands {
+			reqs[i] = LockRequest{Owner: Owner{r.id, e.ID}, Exclusive: e.Exclusive, Shared: e.Shared}
 		}
-	}
-	fences := make([]int64, len(cands))
-	granted := make([]bool, len(cands))
-	for i, e := range cands {
-		granted[i] = len(e.Exclusive)+len(e.Shared) == 0
-	}
-	if len(reqs) > 0 {
 		fs, err := r.lock.TryAcquire(ctx, reqs)
 		if err != nil {
 			r.releaseOwners(reqs)
 			return false, false, fmt.Errorf("acquire locks: %w", err)
 		}
-		for j, f := range fs {
+		for i, f := range fs {
 			if f > 0 {
-				fences[reqIdx[j]], granted[reqIdx[j]] = f, true
+				fences[cands[i].ID] = f
 			}
 		}
 	}
-	ids := make([]int64, 0, len(cands))
-	for i, e := range cands {
-		if granted[i] {
-			ids = append(ids, e.ID)
-		}
-	}
-	if len(ids) == 0 {
-		return false, true, nil
+	ids := make([]int64, 0, len(fences))
+	for id := range fences {
+		ids = append(ids, id)
 	}
 
-	// Claim: one UPDATE for all granted candidates.
-	rows, err := r.c.claim(ctx, r.id, ids)
+	rows, err := r.c.claim(ctx, r.id, ids, r.names, free-len(ids))
 	if err != nil {
-		return false, false, r.recoverClaim(ctx, cands, granted, fences, err)
+		return false, false, r.recoverClaim(ctx, ids, err)
 	}
-	byID := make(map[int64]claimed, len(rows))
+	claimedRes := 0
 	for _, row := range rows {
-		byID[row.id] = row
-	}
-	var unused []Owner
-	for i, e := range cands {
-		if !granted[i] {
-			continue
-		}
-		row, ok := byID[e.ID]
-		if !ok {
-			if fences[i] > 0 {
-				unused = append(unused, Owner{r.id, e.ID})
-			}
-			continue
+		fence, ok := fences[row.id]
+		if ok {
+			claimedRes++
+			delete(fences, row.id)
 		}
 		r.start(&Task{
-			ID: e.ID, Name: e.Name, Args: row.args, Exclusive: e.Exclusive, Shared: e.Shared,
+			ID: row.id, Name: row.name, Args: row.args, Exclusive: row.excl, Shared: row.shared,
 			State: StateRunning, WorkerID: r.id, Epoch: row.epoch, CreatedAt: row.created,
-			StartedAt: row.started, Fence: fences[i],
+			StartedAt: row.started, Fence: fence,
 		})
 	}
-	if len(unused) > 0 {
+	if len(fences) > 0 { // granted, but another worker claimed or canceled the task first
+		unused := make([]Owner, 0, len(fences))
+		for id := range fences {
+			unused = append(unused, Owner{r.id, id})
+		}
 		if err := r.lock.Release(ctx, unused); err != nil {
 			r.log.Warn("tasking: release unused grants", "err", err)
 		}
 	}
-	return len(rows) > 0, len(rows) < len(cands) && len(rows) < free, nil
+	return len(rows) > 0, len(rows) < free && len(cands) > claimedRes, nil
 }
 
 // recoverClaim handles a claim that failed, perhaps after committing (the
@@ -178,14 +160,12 @@ func (r *run) cycle(ctx context.Context, free int) (progress, more bool, err err
 // did move to running then stays owned by this worker without a handler; no
 // other worker can claim it (it is no longer waiting), and cleanup of
 // running tasks settles it.
-func (r *run) recoverClaim(ctx context.Context, cands []admit.Entry, granted []bool, fences []int64, cause error) error {
-	var owners []Owner
-	for i, e := range cands {
-		if granted[i] && fences[i] > 0 {
-			owners = append(owners, Owner{r.id, e.ID})
+func (r *run) recoverClaim(ctx context.Context, ids []int64, cause error) error {
+	if len(ids) > 0 {
+		owners := make([]Owner, len(ids))
+		for i, id := range ids {
+			owners[i] = Owner{r.id, id}
 		}
-	}
-	if len(owners) > 0 {
 		if err := r.lock.Release(context.WithoutCancel(ctx), owners); err != nil {
 			r.log.Warn("tasking: release grants after failed claim", "err", err)
 		}
@@ -193,9 +173,10 @@ func (r *run) recoverClaim(ctx context.Context, cands []admit.Entry, granted []b
 	return fmt.Errorf("claim: %w", cause)
 }
 
-// scan reads waiting tasks oldest first and walks them until it has free
-// candidates or reaches the end of the queue. The walk starts with the names
-// of running tasks taken, so candidates are those the locker should grant.
+// scan reads the waiting tasks that name resources, oldest first, and walks
+// them until it has free candidates or reaches the end of the queue. The
+// walk starts with the names of running tasks taken, so candidates are those
+// the locker should grant.
 func (r *run) scan(ctx context.Context, free int) ([]admit.Entry, error) {
 	r.taken.Reset()
 	r.cands = r.cands[:0]
@@ -212,16 +193,31 @@ func (r *run) scan(ctx context.Context, free int) ([]admit.Entry, error) {
 	if cerr := res.Close(); err == nil {
 		err = cerr
 	}
+	want := 2 * free
 	for err == nil {
-		r.cands, _ = admit.Walk(r.entries, r.taken, r.handles, free, r.cands)
-		if len(r.cands) >= free || len(r.entries) < page {
+		r.cands, _ = admit.Walk(r.entries, r.taken, r.handles, want, r.cands)
+		if len(r.cands) >= want || len(r.entries) < page {
 			break
 		}
 		after := r.entries[len(r.entries)-1].ID
 		page = min(page*4, maxPage)
 		r.entries, err = r.c.readWindow(ctx, after, page, r.entries[:0])
 	}
-	return r.cands, err
+	return spread(r.cands, free), err
+}
+
+// spread picks n of the candidates at random. Candidates never conflict with
+// each other, so any subset keeps the promise; picking at random keeps
+// workers that read the same window from all asking for the same tasks.
+func spread(cands []admit.Entry, n int) []admit.Entry {
+	if len(cands) <= n {
+		return cands
+	}
+	for i := 0; i < n; i++ {
+		j := i + rand.IntN(len(cands)-i)
+		cands[i], cands[j] = cands[j], cands[i]
+	}
+	return cands[:n]
 }
 
 func readHoldingRows(res pgx.BatchResults, taken *admit.Taken) error {

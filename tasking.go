@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"log/slog"
 	"sort"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 	"unicode/utf8"
@@ -423,12 +425,94 @@ func marshalArgs(args any) ([]byte, error) {
 		if b, err = json.Marshal(args); err != nil {
 			return nil, inputErr("args", "do not marshal to JSON: %v", err)
 		}
-		return b, nil
 	}
 	if !json.Valid(b) {
 		return nil, inputErr("args", "raw args are not valid JSON")
 	}
+	if !utf8.Valid(b) {
+		return nil, inputErr("args", "not valid UTF-8")
+	}
+	if err := checkJSONForPostgres(b); err != nil {
+		return nil, err
+	}
 	return b, nil
+}
+
+// numericFits reports whether a JSON number fits PostgreSQL's numeric: at
+// most 131072 digits before the decimal point and 16383 after.
+func numericFits(num string) bool {
+	mant, exp, _ := strings.Cut(strings.ToLower(num), "e")
+	e, err := strconv.Atoi(exp)
+	if exp == "" {
+		e, err = 0, nil
+	}
+	if err != nil {
+		return false // an exponent too long for an int is far out of range
+	}
+	intPart, frac, _ := strings.Cut(strings.TrimLeft(mant, "-"), ".")
+	intDigits := len(strings.TrimLeft(intPart, "0"))
+	if intDigits > 0 && intDigits+e > 131072 {
+		return false
+	}
+	return len(frac)-e <= 16383
+}
+
+// checkJSONForPostgres rejects what JSON allows but PostgreSQL's jsonb cannot
+// store: \u0000 and unpaired UTF-16 surrogates. b is valid JSON.
+func checkJSONForPostgres(b []byte) error {
+	hex4 := func(i int) (rune, bool) {
+		if i+6 > len(b) || b[i] != '\\' || b[i+1] != 'u' {
+			return 0, false
+		}
+		var r rune
+		for _, c := range b[i+2 : i+6] {
+			switch {
+			case c >= '0' && c <= '9':
+				r = r<<4 | rune(c-'0')
+			case c >= 'a' && c <= 'f':
+				r = r<<4 | rune(c-'a'+10)
+			case c >= 'A' && c <= 'F':
+				r = r<<4 | rune(c-'A'+10)
+			}
+		}
+		return r, true
+	}
+	inString := false
+	for i := 0; i < len(b); i++ {
+		switch c := b[i]; {
+		case !inString && (c == '-' || (c >= '0' && c <= '9')):
+			n := i
+			for n < len(b) && strings.IndexByte("+-0123456789.eE", b[n]) >= 0 {
+				n++
+			}
+			if !numericFits(string(b[i:n])) {
+				return inputErr("args", "contain the number %.40s, outside PostgreSQL's numeric range", b[i:n])
+			}
+			i = n - 1
+		case c == '"':
+			inString = !inString
+		case c == '\\' && inString:
+			r, ok := hex4(i)
+			if !ok {
+				i++ // a one-character escape
+				continue
+			}
+			switch {
+			case r == 0:
+				return inputErr("args", "contain \\u0000, which PostgreSQL jsonb cannot store")
+			case r >= 0xDC00 && r <= 0xDFFF:
+				return inputErr("args", "contain an unpaired UTF-16 surrogate escape")
+			case r >= 0xD800 && r <= 0xDBFF:
+				low, ok := hex4(i + 6)
+				if !ok || low < 0xDC00 || low > 0xDFFF {
+					return inputErr("args", "contain an unpaired UTF-16 surrogate escape")
+				}
+				i += 6
+			}
+			i += 5
+		}
+	}
+	return nil
 }
 
 // normalizeResources drops duplicates, makes a name given in both modes

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -61,9 +62,11 @@ func WithSlots(n int) WorkerOption { return func(c *workerConfig) { c.slots = n 
 // Default: "<hostname>-<pid>".
 func WithWorkerName(name string) WorkerOption { return func(c *workerConfig) { c.name = name } }
 
-// WithPollInterval sets how often the worker looks for tasks when no
-// wake-up arrives (±20% jitter). Wake-ups normally make polling unneeded; it
-// only bounds the latency after a lost one. Default: 1s.
+// WithPollInterval sets how often the fleet looks for tasks when no wake-up
+// arrives: each worker polls every interval times the number of live
+// workers (±20% jitter), so the fleet's poll rate does not grow with its
+// size. Wake-ups normally make polling unneeded; it only bounds the latency
+// after a lost one. Default: 1s.
 func WithPollInterval(d time.Duration) WorkerOption { return func(c *workerConfig) { c.poll = d } }
 
 // WithShutdownGrace sets how long Run lets running handlers finish after its
@@ -236,6 +239,7 @@ type run struct {
 	id       int64
 	log      *slog.Logger
 	handlers map[string]HandlerFunc
+	names    []string // handled task names, for the claim of tasks without resources
 	lock     LockSession
 
 	// base parents every handler context; canceling it cuts off handlers at
@@ -251,6 +255,7 @@ type run struct {
 	results chan outcome
 
 	wake     chan struct{}
+	live     atomic.Int64 // live workers in the fleet, from the last heartbeat
 	handlerW sync.WaitGroup
 	finished chan struct{} // closed when the finisher has written everything
 
@@ -269,8 +274,13 @@ type activeTask struct {
 
 func newRun(w *Worker, id int64, handlers map[string]HandlerFunc) *run {
 	base, cancelAll := context.WithCancelCause(context.Background())
+	names := make([]string, 0, len(handlers))
+	for n := range handlers {
+		names = append(names, n)
+	}
 	return &run{
-		w: w, c: w.c, id: id, handlers: handlers,
+		names: names,
+		w:     w, c: w.c, id: id, handlers: handlers,
 		log:       w.c.log.With("worker", w.cfg.name, "worker_id", id),
 		base:      base,
 		cancelAll: cancelAll,
@@ -338,7 +348,28 @@ func (r *run) retire() {
 	r.log.Info("tasking: worker stopped")
 }
 
+// beat records a heartbeat and learns how many workers are live.
+func (r *run) beat(ctx context.Context) {
+	var live int64
+	err := r.c.pool.QueryRow(ctx, r.c.q.beat, r.id, r.w.cfg.ttl.String()).Scan(&live)
+	switch {
+	case err != nil && ctx.Err() == nil:
+		r.log.Warn("tasking: heartbeat failed", "err", err)
+	case err == nil:
+		r.live.Store(max(live, 1))
+	}
+}
+
+// pollEvery is this worker's fallback poll interval: the configured one
+// times the number of live workers, so the fleet as a whole polls about once
+// per interval however many workers it has (a fleet of 150 workers polling
+// every 10 ms each saturated Pulp's database).
+func (r *run) pollEvery() time.Duration {
+	return jitter(r.w.cfg.poll * time.Duration(max(r.live.Load(), 1)))
+}
+
 func (r *run) heartbeat(ctx context.Context) {
+	r.beat(ctx)
 	t := time.NewTicker(r.w.cfg.ttl / 3)
 	defer t.Stop()
 	for {
@@ -347,9 +378,7 @@ func (r *run) heartbeat(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		if _, err := r.c.pool.Exec(ctx, r.c.q.beat, r.id); err != nil && ctx.Err() == nil {
-			r.log.Warn("tasking: heartbeat failed", "err", err)
-		}
+		r.beat(ctx)
 	}
 }
 

@@ -80,7 +80,8 @@ func (t *Taken) Admissible(exclusive, shared []string) bool {
 	return true
 }
 
-// Len reports how many distinct names are recorded (exclusive plus shared).
+// Len reports the sizes of the two sets added together (a name taken in
+// both modes counts twice).
 func (t *Taken) Len() int { return len(t.excl) + len(t.shared) }
 
 // Walk examines entries in order and appends to out the candidates, at most

@@ -49,10 +49,10 @@ func ids(es []Entry) []int64 {
 
 func TestTakenAdmissible(t *testing.T) {
 	tests := []struct {
-		name          string
-		taken         []holding
-		excl, shared  string
-		wantAdmissble bool
+		name         string
+		taken        []holding
+		excl, shared string
+		want         bool
 	}{
 		{"empty admits exclusive", nil, "x", "", true},
 		{"empty admits shared", nil, "", "x", true},
@@ -77,9 +77,9 @@ func TestTakenAdmissible(t *testing.T) {
 				taken.Add(names(h.excl), names(h.shared))
 			}
 			got := taken.Admissible(names(tt.excl), names(tt.shared))
-			if got != tt.wantAdmissble {
+			if got != tt.want {
 				t.Errorf("taken %v: Admissible(excl %q, shared %q) = %v, want %v",
-					tt.taken, tt.excl, tt.shared, got, tt.wantAdmissble)
+					tt.taken, tt.excl, tt.shared, got, tt.want)
 			}
 		})
 	}
@@ -205,12 +205,12 @@ func TestWalk(t *testing.T) {
 			wantExamined: 4,
 		},
 		{
-			name:         "unhandled shared task blocks later exclusive but not shared",
+			// 4 is shared on x behind 2, which is exclusive on x and waiting (P4).
+			name:         "unhandled shared task blocks later exclusive",
 			entries:      []Entry{alien(1, "", "x"), tk(2, "x", ""), tk(3, "", "y"), tk(4, "", "x")},
 			max:          10,
 			wantCands:    []int64{3},
 			wantExamined: 4,
-			// 4 is shared on x behind 2, exclusive on x and waiting: P4.
 		},
 		{
 			name:         "unhandled shared task lets later shared run",

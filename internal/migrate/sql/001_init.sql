@@ -24,8 +24,13 @@ CREATE TABLE {{schema}}.tasks (
     result      jsonb
 );
 
--- "Oldest waiting tasks by seq": the worker's window and deeper scan.
-CREATE INDEX tasks_waiting_idx ON {{schema}}.tasks (id) WHERE state = 'waiting';
+-- "Oldest waiting tasks by seq" for the admission walk. Only tasks that name
+-- resources matter to the walk: a task without resources conflicts with
+-- nothing, so workers claim those straight from their own index.
+CREATE INDEX tasks_waiting_res_idx ON {{schema}}.tasks (id)
+    WHERE state = 'waiting' AND (exclusive <> '{}' OR shared <> '{}');
+CREATE INDEX tasks_waiting_free_idx ON {{schema}}.tasks (id)
+    WHERE state = 'waiting' AND exclusive = '{}' AND shared = '{}';
 
 -- Running tasks that hold resources: the walk starts with their names taken.
 CREATE INDEX tasks_holding_idx ON {{schema}}.tasks (id)

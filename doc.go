@@ -1,0 +1,82 @@
+// Package tasking runs background tasks that declare the resources they
+// touch, on a fleet of workers, in PostgreSQL.
+//
+// Tasks that conflict (one names a resource exclusively that the other names
+// at all) run one after another, in dispatch order. Everything else runs in
+// parallel on as many workers as there are. Run-time resource locks live in
+// a pluggable [ResourceLocker]: PostgreSQL advisory locks by default, or
+// Redis to take the lock traffic off the database.
+//
+// # Define a handler
+//
+// A handler is a plain function. [HandleFunc] decodes the task's JSON args
+// into a struct for you:
+//
+//	type SyncArgs struct{ Repo string }
+//
+//	w := tasking.NewWorker(client, tasking.WithSlots(32))
+//	tasking.HandleFunc(w, "sync", func(ctx context.Context, a SyncArgs) error {
+//		return syncRepository(ctx, a.Repo)
+//	})
+//
+// The running [Task] is available from the context ([TaskFromContext]): its
+// id, its fencing token, and [Task.SetResult] to store a JSON result. An
+// error fails the task with its text; a panic fails it with the panic value
+// and stack, and the worker carries on.
+//
+// # Dispatch with resources
+//
+// Create a [Client] over your *pgxpool.Pool, migrate once, and dispatch:
+//
+//	client, err := tasking.New(pool)
+//	err = client.Migrate(ctx)
+//	task, err := client.Dispatch(ctx, "sync", SyncArgs{Repo: "a"},
+//		tasking.Exclusive("repo:a"), tasking.Shared("remote:cdn"))
+//
+// Two tasks conflict when some resource is exclusive in one and named by the
+// other. The promise:
+//
+//   - Conflicting tasks never run at the same time.
+//   - Conflicting tasks start in dispatch order, each after the earlier one
+//     is final; a shared task queued behind a waiting exclusive one waits.
+//   - A dispatch that returned before another was called gets a smaller id;
+//     for conflicting tasks commit order equals id order, even with
+//     [Client.DispatchTx] in the caller's transaction.
+//   - Every task ends in exactly one final state (completed, failed,
+//     canceled) and its handler runs at most once.
+//   - A blocked task never holds up non-conflicting tasks behind it.
+//
+// Resource names are normalised: duplicates are dropped and a name given both
+// exclusive and shared becomes exclusive. [Client.DispatchMany] stores a
+// batch in one round trip. [Client.Wait] blocks until a task is final;
+// [Client.List] shows, for example, what waits on a resource.
+//
+// # Run workers
+//
+// [Worker.Run] blocks until its context is done, then shuts down gracefully
+// (see [WithShutdownGrace]). Run as many workers, in as many processes, as
+// you like; each has its own slots and its own lock session. A task whose
+// name no running worker handles stays waiting, and keeps its place in line
+// on its resources.
+//
+// # Pick a locker
+//
+// The default [NewPostgresLocker] needs nothing but the database: each worker
+// holds its locks on one dedicated connection. [NewRedisLocker] keeps locks
+// in Redis with leases and fencing tokens, and wakes workers over Redis
+// pub/sub, so PostgreSQL only sees task reads and writes. Swapping is one
+// option:
+//
+//	client, err := tasking.New(pool, tasking.WithLocker(tasking.NewRedisLocker(rdb)))
+//
+// Every worker of a fleet must use the same kind of locker; a worker refuses
+// to start while live workers use another ([ErrLockerMismatch]).
+// [NewMemoryLocker] suits tests and single-process services.
+//
+// # Shut down
+//
+// Cancel the context given to Run. The worker stops admitting, lets running
+// handlers finish for the grace period, then cancels their contexts with
+// cause [ErrShutdown]; those tasks end failed with a reason saying so. Final
+// states are written before locks are released.
+package tasking

@@ -1,0 +1,162 @@
+package tasking_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/tasking-go/tasking"
+	"github.com/tasking-go/tasking/internal/testdb"
+)
+
+func TestHandlerOutcomes(t *testing.T) {
+	t.Parallel()
+	c := newClient(t)
+	ctx := ctxT(t, 30*time.Second)
+	w := tasking.NewWorker(c, tasking.WithSlots(2))
+	w.Handle("ok", func(ctx context.Context, task *tasking.Task) error {
+		return task.SetResult(map[string]any{"fence": task.Fence > 0, "self": tasking.TaskFromContext(ctx) == task})
+	})
+	w.Handle("fail", func(context.Context, *tasking.Task) error { return errors.New("disk on fire") })
+	w.Handle("panic", func(context.Context, *tasking.Task) error { panic("boom") })
+	w.Handle("badargs", func(context.Context, *tasking.Task) error { return nil })
+	type args struct{ N int }
+	tasking.HandleFunc(w, "typed", func(ctx context.Context, a args) error {
+		if a.N != 7 {
+			return errors.New("wrong args")
+		}
+		return nil
+	})
+	runWorker(t, w)
+
+	wait := func(name string, args any, opts ...tasking.DispatchOption) *tasking.Task {
+		task, err := c.Dispatch(ctx, name, args, opts...)
+		require.NoError(t, err)
+		done, err := c.Wait(ctx, task.ID)
+		require.NoError(t, err)
+		return done
+	}
+	ok := wait("ok", nil, tasking.Exclusive("r"))
+	require.Equal(t, tasking.StateCompleted, ok.State)
+	require.JSONEq(t, `{"fence": true, "self": true}`, string(ok.Result))
+
+	failed := wait("fail", nil)
+	require.Equal(t, tasking.StateFailed, failed.State)
+	require.Equal(t, "disk on fire", failed.Error)
+
+	panicked := wait("panic", nil)
+	require.Equal(t, tasking.StateFailed, panicked.State)
+	require.Contains(t, panicked.Error, "panic: boom")
+	require.Contains(t, panicked.Error, "worker_test.go", "the stack is stored")
+
+	typed := wait("typed", map[string]int{"N": 7})
+	require.Equal(t, tasking.StateCompleted, typed.State, typed.Error)
+	typedBad := wait("typed", []int{1})
+	require.Equal(t, tasking.StateFailed, typedBad.State)
+	require.Contains(t, typedBad.Error, "decode args")
+
+	// The worker survived all of that.
+	require.Equal(t, tasking.StateCompleted, wait("ok", nil).State)
+}
+
+// TestShutdownGrace: a handler that outlives the grace is canceled with
+// ErrShutdown and its task ends failed with a reason saying so; one that
+// finishes within the grace completes.
+func TestShutdownGrace(t *testing.T) {
+	t.Parallel()
+	c := newClient(t)
+	ctx := ctxT(t, 30*time.Second)
+	w := tasking.NewWorker(c, tasking.WithSlots(2), tasking.WithShutdownGrace(200*time.Millisecond))
+	started := make(chan struct{}, 2)
+	causes := make(chan error, 1)
+	w.Handle("stubborn", func(ctx context.Context, _ *tasking.Task) error {
+		started <- struct{}{}
+		<-ctx.Done()
+		causes <- context.Cause(ctx)
+		return ctx.Err()
+	})
+	w.Handle("polite", func(ctx context.Context, _ *tasking.Task) error {
+		started <- struct{}{}
+		time.Sleep(50 * time.Millisecond)
+		return nil
+	})
+	runCtx, stop := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- w.Run(runCtx) }()
+
+	stubborn, err := c.Dispatch(ctx, "stubborn", nil, tasking.Exclusive("a"))
+	require.NoError(t, err)
+	polite, err := c.Dispatch(ctx, "polite", nil, tasking.Exclusive("b"))
+	require.NoError(t, err)
+	<-started
+	<-started
+	stop()
+	require.NoError(t, <-done)
+	require.ErrorIs(t, <-causes, tasking.ErrShutdown)
+
+	got, err := c.Get(ctx, stubborn.ID)
+	require.NoError(t, err)
+	require.Equal(t, tasking.StateFailed, got.State)
+	require.Contains(t, got.Error, tasking.ErrShutdown.Error())
+	got, err = c.Get(ctx, polite.ID)
+	require.NoError(t, err)
+	require.Equal(t, tasking.StateCompleted, got.State)
+
+	// Its locks were released: another worker runs a task on "a".
+	w2 := tasking.NewWorker(c)
+	w2.Handle("stubborn", func(context.Context, *tasking.Task) error { return nil })
+	runWorker(t, w2)
+	next, err := c.Dispatch(ctx, "stubborn", nil, tasking.Exclusive("a"))
+	require.NoError(t, err)
+	got, err = c.Wait(ctx, next.ID)
+	require.NoError(t, err)
+	require.Equal(t, tasking.StateCompleted, got.State)
+}
+
+// TestPostgresLockLost: when the worker's lock connection dies, the server
+// drops its advisory locks; the handlers holding them are canceled with
+// ErrLockLost and their tasks fail with "lock lost".
+func TestPostgresLockLost(t *testing.T) {
+	t.Parallel()
+	c := newClient(t, tasking.WithLocker(tasking.NewPostgresLocker(tasking.WithLockCheckInterval(20*time.Millisecond))))
+	ctx := ctxT(t, 30*time.Second)
+	pool := testdb.Pool(t, 2)
+	w := tasking.NewWorker(c)
+	started := make(chan struct{})
+	causes := make(chan error, 1)
+	w.Handle("hold", func(ctx context.Context, _ *tasking.Task) error {
+		close(started)
+		<-ctx.Done()
+		causes <- context.Cause(ctx)
+		return nil // even a nil return cannot complete a task whose locks are gone
+	})
+	w.Handle("next", func(context.Context, *tasking.Task) error { return nil })
+	runWorker(t, w)
+	task, err := c.Dispatch(ctx, "hold", nil, tasking.Exclusive("lost-"+testdb.Name("r")))
+	require.NoError(t, err)
+	<-started
+
+	// Kill the worker's lock connection, which holds the task's lock.
+	var killed bool
+	err = pool.QueryRow(ctx, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+		WHERE application_name = $1`, fmt.Sprintf("tasking lock %d", w.ID())).Scan(&killed)
+	require.NoError(t, err)
+	require.True(t, killed)
+
+	require.ErrorIs(t, <-causes, tasking.ErrLockLost)
+	got, err := c.Wait(ctx, task.ID)
+	require.NoError(t, err)
+	require.Equal(t, tasking.StateFailed, got.State)
+	require.Contains(t, got.Error, "lock lost")
+
+	// The worker reconnects and goes on.
+	next, err := c.Dispatch(ctx, "next", nil, tasking.Exclusive("other"))
+	require.NoError(t, err)
+	got, err = c.Wait(ctx, next.ID)
+	require.NoError(t, err)
+	require.Equal(t, tasking.StateCompleted, got.State)
+}
