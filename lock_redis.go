@@ -332,6 +332,7 @@ func (s *redisSession) TryAcquire(ctx context.Context, reqs []LockRequest) ([]in
 func (s *redisSession) Release(ctx context.Context, owners []Owner) error {
 	s.mu.Lock()
 	var keys, args []string
+	taken := make(map[Owner]*redisGrant, len(owners))
 	for _, o := range owners {
 		g := s.owned[o]
 		if g == nil {
@@ -342,6 +343,7 @@ func (s *redisSession) Release(ctx context.Context, owners []Owner) error {
 		if g == nil {
 			continue
 		}
+		taken[o] = g
 		if keys == nil {
 			keys = []string{s.k.registry}
 		}
@@ -349,22 +351,27 @@ func (s *redisSession) Release(ctx context.Context, owners []Owner) error {
 		args = append(args, ownerID(o), strconv.Itoa(len(g.excl)), strconv.Itoa(len(g.shared)))
 	}
 	s.mu.Unlock()
-	return s.release(ctx, keys, args)
-}
-
-func (s *redisSession) release(ctx context.Context, keys, args []string) error {
 	if len(args) == 0 {
 		return nil
 	}
-	// A grant whose release fails runs out with its lease.
-	if err := releaseLua.Exec(ctx, s.l.rdb, keys, args).Error(); err != nil {
-		if ctx.Err() == nil {
-			s.l.health.failed(s.cfg.Logger, s.l.rdb, "release", err)
-		}
-		return fmt.Errorf("tasking: redis release: %w", err)
+	err := releaseLua.Exec(ctx, s.l.rdb, keys, args).Error()
+	if err == nil {
+		s.l.health.ok(s.cfg.Logger)
+		return nil
 	}
-	s.l.health.ok(s.cfg.Logger)
-	return nil
+	if ctx.Err() == nil {
+		s.l.health.failed(s.cfg.Logger, s.l.rdb, "release", err)
+	}
+	// Keep the grants releasable by a retry or Close; they are no longer
+	// renewed, so if nobody retries they run out with their leases.
+	s.mu.Lock()
+	for o, g := range taken {
+		if s.owned[o] == nil && s.doubt[o] == nil {
+			s.doubt[o] = g
+		}
+	}
+	s.mu.Unlock()
+	return fmt.Errorf("tasking: redis release: %w", err)
 }
 
 // Close stops renewing and releases everything the session holds.

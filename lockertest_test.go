@@ -41,6 +41,10 @@ func lockerImpls() []lockerImpl {
 			pool := testdb.Pool(tb, 4)
 			return tasking.NewPostgresLocker(), tasking.LockSessionConfig{Pool: pool, Schema: migratedSchema(tb, pool)}
 		}},
+		{name: "redis", space: func(tb testing.TB) (tasking.ResourceLocker, tasking.LockSessionConfig) {
+			// A fresh schema name is a fresh namespace (the default one).
+			return tasking.NewRedisLocker(newRedis(tb, testdb.RedisAddr())), tasking.LockSessionConfig{Schema: testdb.Name("conf")}
+		}},
 	}
 }
 
