@@ -69,6 +69,10 @@
 //
 //	client, err := tasking.New(pool, tasking.WithLocker(tasking.NewRedisLocker(rdb)))
 //
+// With Redis, call [Client.Notify] after committing a transaction that used
+// [Client.DispatchTx]: Redis cannot see that commit, so the workers would
+// otherwise find the task on their next poll.
+//
 // Every worker of a fleet must use the same kind of locker; a worker refuses
 // to start while live workers use another ([ErrLockerMismatch]).
 // [NewMemoryLocker] suits tests and single-process services.

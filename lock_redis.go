@@ -67,8 +67,9 @@ func WithRedisRenewInterval(d time.Duration) RedisLockerOption {
 // Wake-ups go through Redis pub/sub on the namespace's channel; workers send
 // no LISTEN or NOTIFY to PostgreSQL. Dispatch and DispatchMany publish after
 // they commit. [Client.DispatchTx] cannot, as the caller commits: such a task
-// is picked up on the workers' next wake-up or poll ([WithPollInterval]),
-// unless the caller calls [Client.Notify] after the commit.
+// is picked up on the workers' next wake-up or the fleet's next poll (about
+// once per [WithPollInterval], default 1s), unless the caller calls
+// [Client.Notify] after the commit.
 //
 // rdb stays the caller's: close it after the workers and clients using it
 // have stopped. The client should not use client-side caching.

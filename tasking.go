@@ -290,8 +290,9 @@ func (c *Client) Dispatch(ctx context.Context, name string, args any, opts ...Di
 //
 // With the PostgreSQL locker the commit itself wakes the workers. With the
 // Redis locker nothing can tell Redis about the caller's commit, so the task
-// is picked up on the workers' next wake-up or poll ([WithPollInterval],
-// default 1s ±20%), unless the caller calls [Client.Notify] after the commit.
+// is picked up on the workers' next wake-up (any later dispatch or finish)
+// or the fleet's next poll (about once per [WithPollInterval], default 1s),
+// unless the caller calls [Client.Notify] after the commit.
 func (c *Client) DispatchTx(ctx context.Context, tx pgx.Tx, name string, args any, opts ...DispatchOption) (*Task, error) {
 	ts, err := c.DispatchManyTx(ctx, tx, Spec(name, args, opts...))
 	if err != nil {
