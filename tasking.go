@@ -49,6 +49,21 @@ var (
 	// ErrShutdown is the cause given to a handler's context when the worker
 	// stops before the handler returns; the task ends failed.
 	ErrShutdown = errors.New("worker shut down before the task finished")
+	// ErrCanceled is the cause given to a handler's context when its task is
+	// canceled; the task ends canceled.
+	ErrCanceled = errors.New("canceled")
+	// ErrTimeout is the cause given to a handler's context at the task's
+	// deadline; the task ends failed.
+	ErrTimeout = errors.New("timeout")
+	// ErrWorkerLost is the cause given to a handler's context when its worker
+	// was declared gone (it missed heartbeats for a TTL, e.g. while paused);
+	// cleanup has already failed the task with "worker lost".
+	ErrWorkerLost = errors.New("worker lost")
+	// ErrWorkerNameInUse: a live worker already has the name.
+	ErrWorkerNameInUse = errors.New("tasking: a live worker already has this name")
+	// ErrTaskFinal: the task already completed or failed, so it cannot be
+	// canceled.
+	ErrTaskFinal = errors.New("tasking: task already final")
 )
 
 // InputError describes input rejected before anything was written.
@@ -93,8 +108,9 @@ type Task struct {
 	Exclusive  []string
 	Shared     []string
 	State      State
-	WorkerID   int64 // the worker instance that last claimed it, 0 if none
-	Epoch      int   // incremented by every claim
+	WorkerID   int64         // the worker instance that last claimed it, 0 if none
+	Epoch      int           // incremented by every claim
+	Timeout    time.Duration // handler deadline set at dispatch, 0 for none
 	CreatedAt  time.Time
 	StartedAt  time.Time // zero until claimed
 	FinishedAt time.Time // zero until final
@@ -256,12 +272,21 @@ func Shared(names ...string) DispatchOption {
 	return func(s *TaskSpec) { s.Shared = append(s.Shared, names...) }
 }
 
+// Timeout gives the task's handler a deadline: its context is canceled with
+// cause [ErrTimeout] when d has passed since it started, and the task ends
+// failed with "timeout". It overrides the handler's [HandlerTimeout].
+// Default: none.
+func Timeout(d time.Duration) DispatchOption {
+	return func(s *TaskSpec) { s.Timeout = d }
+}
+
 // TaskSpec describes one task to dispatch. Build it with [Spec] or fill it in.
 type TaskSpec struct {
 	Name      string
 	Args      any // marshalled to JSON; json.RawMessage and []byte are taken as JSON
 	Exclusive []string
 	Shared    []string
+	Timeout   time.Duration // 0: none
 }
 
 // Spec builds a TaskSpec for [Client.DispatchMany].
@@ -330,6 +355,40 @@ func (c *Client) dispatch(ctx context.Context, db querier, specs []TaskSpec, aut
 	return tasks, nil
 }
 
+// Cancel cancels a task. A waiting task becomes canceled at once. A running
+// one becomes canceling: its worker is told, cancels the handler's context
+// with cause [ErrCanceled], and the task ends canceled whatever the handler
+// returns. Canceling a task that is already canceled or canceling does
+// nothing; a completed or failed one returns [ErrTaskFinal], an unknown id
+// [ErrNotFound]. A cancel that races a claim, a finish or a worker's death
+// still ends in one final state: every transition is a guarded update.
+func (c *Client) Cancel(ctx context.Context, id int64) error {
+	if err := c.checkSchema(ctx); err != nil {
+		return err
+	}
+	var state string
+	var notified int64
+	err := c.pool.QueryRow(ctx, c.q.cancel, id, c.bus.dispatchChannel()).Scan(&state, &notified)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		t, err := c.get(ctx, id)
+		if err != nil {
+			return err
+		}
+		if t.State == StateCanceled || t.State == StateCanceling {
+			return nil
+		}
+		return fmt.Errorf("%w: task %d is %s", ErrTaskFinal, id, t.State)
+	case err != nil:
+		return fmt.Errorf("tasking: cancel task %d: %w", id, err)
+	}
+	if State(state) == StateCanceling {
+		c.bus.canceled(ctx, id)
+	}
+	c.waits.poke()
+	return nil
+}
+
 // Get returns the task with that id, or ErrNotFound.
 func (c *Client) Get(ctx context.Context, id int64) (*Task, error) {
 	if err := c.checkSchema(ctx); err != nil {
@@ -372,7 +431,10 @@ func prepareBatch(schema string, specs []TaskSpec) (*preparedBatch, error) {
 		if err != nil {
 			return nil, err
 		}
-		b.specs[i] = TaskSpec{Name: s.Name, Exclusive: excl, Shared: shared}
+		if s.Timeout < 0 || (s.Timeout > 0 && s.Timeout < time.Millisecond) {
+			return nil, inputErr("timeout", "%v, need at least 1ms (or 0 for none)", s.Timeout)
+		}
+		b.specs[i] = TaskSpec{Name: s.Name, Exclusive: excl, Shared: shared, Timeout: s.Timeout}
 		b.args[i] = a
 		for _, n := range excl {
 			modes[dispatchKey(schema, n)] = true
