@@ -197,6 +197,9 @@ func (w *Worker) Run(ctx context.Context) error {
 	}
 	r := newRun(w, handlers)
 	if err := r.register(ctx); err != nil {
+		if runCtx.Err() != nil {
+			return nil // asked to stop before it was up
+		}
 		return err
 	}
 	w.mu.Lock()
@@ -209,6 +212,9 @@ func (w *Worker) Run(ctx context.Context) error {
 		Worker: r.id, Pool: c.pool, Schema: c.schema, Logger: r.log, OnLost: r.lost,
 	})
 	if err != nil {
+		if runCtx.Err() != nil {
+			return nil // asked to stop before it was up
+		}
 		return fmt.Errorf("tasking: open %s locker: %w", c.locker.Kind(), err)
 	}
 	r.log.Info("tasking: worker started", "slots", w.cfg.slots, "locker", c.locker.Kind())
