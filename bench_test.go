@@ -3,6 +3,7 @@ package tasking_test
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -83,4 +84,38 @@ func benchDrain(b *testing.B, workload, locker string, n, slots, workers int) {
 		rate = float64(n) / (float64(last.Load()-first.Load()) / 1e9)
 	}
 	b.ReportMetric(rate, "tasks/s")
+}
+
+// BenchmarkCancelLatency measures how long after Client.Cancel is called a
+// running handler sees its context done (target p99 <= 50 ms):
+// go test -run ^$ -bench CancelLatency -benchtime 200x .
+func BenchmarkCancelLatency(b *testing.B) {
+	c := newClient(b)
+	ctx := context.Background()
+	started := make(chan struct{}, 1)
+	seen := make(chan time.Time, 1)
+	w := tasking.NewWorker(c, tasking.WithSlots(4))
+	w.Handle("block", func(ctx context.Context, _ *tasking.Task) error {
+		started <- struct{}{}
+		<-ctx.Done()
+		seen <- time.Now()
+		return nil
+	})
+	runWorker(b, w)
+	lat := make([]time.Duration, 0, b.N)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		task, err := c.Dispatch(ctx, "block", nil, tasking.Exclusive("x"))
+		require.NoError(b, err)
+		<-started
+		at := time.Now()
+		require.NoError(b, c.Cancel(ctx, task.ID))
+		lat = append(lat, (<-seen).Sub(at))
+		_, err = c.Wait(ctx, task.ID)
+		require.NoError(b, err)
+	}
+	b.StopTimer()
+	slices.Sort(lat)
+	b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "p50-ms")
+	b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds())/1000, "p99-ms")
 }

@@ -2,6 +2,7 @@ package tasking_test
 
 import (
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"os"
@@ -68,3 +69,5 @@ func ctxT(t testing.TB, d time.Duration) context.Context {
 	t.Cleanup(cancel)
 	return ctx
 }
+
+func errorsIs(err, target error) bool { return errors.Is(err, target) }

@@ -257,7 +257,7 @@ func (s *pgSession) TryAcquire(ctx context.Context, reqs []LockRequest) ([]int64
 		}
 	}
 	if err != nil {
-		report = s.failIfBroken(err)
+		report = s.undoFailedAcquire(ctx, rKey, rExcl, err)
 		return nil, fmt.Errorf("tasking: acquire locks: %w", err)
 	}
 	for i, r := range reqs {
@@ -290,6 +290,9 @@ func (s *pgSession) release(ctx context.Context, owners []Owner, channel string)
 	s.mu.Lock()
 	report := func() {}
 	defer func() { s.mu.Unlock(); report() }()
+	// Count down on a copy first: the table changes only once the server has
+	// released, so a call that fails without effect can be retried.
+	left := make(map[int64]int)
 	var keys []int64
 	var excl []bool
 	for _, o := range owners {
@@ -298,29 +301,67 @@ func (s *pgSession) release(ctx context.Context, owners []Owner, channel string)
 			if h == nil {
 				continue
 			}
-			if h.holders--; h.holders == 0 {
-				keys, excl = append(keys, k), append(excl, h.exclusive)
-				delete(s.table, k)
+			n, seen := left[k]
+			if !seen {
+				n = h.holders
 			}
+			if n--; n == 0 {
+				keys, excl = append(keys, k), append(excl, h.exclusive)
+			}
+			left[k] = n
 		}
+	}
+	if len(keys) > 0 && s.conn != nil {
+		var err error
+		if channel == "" {
+			_, err = s.conn.Exec(ctx, s.q.unlock, keys, excl)
+		} else {
+			_, err = s.conn.Exec(ctx, s.q.unlockNotify, keys, excl, channel)
+		}
+		if err != nil {
+			report = s.failIfBroken(err)
+			return fmt.Errorf("tasking: release locks: %w", err)
+		}
+	}
+	for k, n := range left {
+		if n == 0 {
+			delete(s.table, k)
+		} else {
+			s.table[k].holders = n
+		}
+	}
+	for _, o := range owners {
 		delete(s.owned, o)
 	}
-	if len(keys) == 0 || s.conn == nil {
-		return nil
-	}
-	var err error
-	if channel == "" {
-		_, err = s.conn.Exec(ctx, `SELECT count(*) FROM `+pgx.Identifier{s.cfg.Schema}.Sanitize()+
-			`.lock_batch($1, $2, '{}', '{}', '{}')`, keys, excl)
-	} else {
-		_, err = s.conn.Exec(ctx, `SELECT pg_notify($3, 'r') FROM (SELECT count(*) FROM `+
-			pgx.Identifier{s.cfg.Schema}.Sanitize()+`.lock_batch($1, $2, '{}', '{}', '{}')) x`, keys, excl, channel)
-	}
-	if err != nil {
-		report = s.failIfBroken(err)
-		return fmt.Errorf("tasking: release locks: %w", err)
-	}
 	return nil
+}
+
+// undoFailedAcquire releases what a failed lock_batch may have taken before
+// it failed: session-level advisory locks survive the error of the statement
+// that took them (a full lock table, a statement timeout). Those are the
+// keys the call asked the server for; unlocking one it did not get is a
+// no-op. If even that fails, the session is dropped, which releases all.
+// Caller holds mu.
+func (s *pgSession) undoFailedAcquire(ctx context.Context, keys []*int64, excl []bool, cause error) func() {
+	if s.conn == nil || s.conn.IsClosed() {
+		return s.fail(fmt.Errorf("%w: lock connection failed: %v", ErrLockLost, cause))
+	}
+	var uk []int64
+	var ux []bool
+	for i, k := range keys {
+		if k != nil {
+			uk, ux = append(uk, *k), append(ux, excl[i])
+		}
+	}
+	if len(uk) == 0 {
+		return func() {}
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	if _, err := s.conn.Exec(ctx, s.q.unlock, uk, ux); err != nil {
+		return s.fail(fmt.Errorf("%w: could not undo a failed lock batch: %v", ErrLockLost, err))
+	}
+	return func() {}
 }
 
 func (s *pgSession) Close(ctx context.Context) error {

@@ -536,9 +536,19 @@ func (s *redisSession) reportLost(owners []Owner, cause error) {
 	s.cfg.OnLost(owners, cause)
 }
 
-// freeWorker frees every grant recorded in worker's owner registry, for
-// cleanup of a worker that is gone. It is compare-and-delete like Release,
-// so grants of other owners are never touched.
+// freeWorkers frees every grant recorded in the owner registries of gone
+// worker instances of the client's schema, for cleanup (run.go). It is
+// compare-and-delete like Release, so grants of other owners are never
+// touched.
+func (l *redisLocker) freeWorkers(ctx context.Context, schema string, workers []int64) error {
+	var errs []error
+	for _, w := range workers {
+		errs = append(errs, l.freeWorker(ctx, schema, w))
+	}
+	return errors.Join(errs...)
+}
+
+// freeWorker frees the grants in one worker instance's registry.
 func (l *redisLocker) freeWorker(ctx context.Context, schema string, worker int64) error {
 	if err := l.check(); err != nil {
 		return err
@@ -584,28 +594,36 @@ type redisBus struct {
 // dispatchChannel is empty: the dispatch statement sends no NOTIFY.
 func (b *redisBus) dispatchChannel() string { return "" }
 
-func (b *redisBus) dispatched(ctx context.Context) { b.publish(ctx, "dispatch wake-up") }
+func (b *redisBus) dispatched(ctx context.Context) { b.publish(ctx, "dispatch wake-up", "w") }
 
-func (b *redisBus) released(ctx context.Context) { b.publish(ctx, "release wake-up") }
+func (b *redisBus) released(ctx context.Context) { b.publish(ctx, "release wake-up", "w") }
 
-func (b *redisBus) publish(ctx context.Context, what string) {
-	if err := b.notify(ctx); err != nil && ctx.Err() == nil {
+// canceled tells the task's worker, which cancels the handler (the cancel
+// statement sent no NOTIFY: dispatchChannel is empty).
+func (b *redisBus) canceled(ctx context.Context, id int64) {
+	b.publish(ctx, "cancel signal", "c"+strconv.FormatInt(id, 10))
+}
+
+func (b *redisBus) publish(ctx context.Context, what, msg string) {
+	if err := b.send(ctx, msg); err != nil && ctx.Err() == nil {
 		b.l.health.failed(b.log, b.l.rdb, what, err)
 	}
 }
 
-func (b *redisBus) notify(ctx context.Context) error {
+func (b *redisBus) notify(ctx context.Context) error { return b.send(ctx, "w") }
+
+func (b *redisBus) send(ctx context.Context, msg string) error {
 	rdb := b.l.rdb
 	if rdb == nil {
 		return inputErr("redis client", "nil rueidis.Client")
 	}
-	return rdb.Do(ctx, rdb.B().Publish().Channel(b.channel).Message("w").Build()).Error()
+	return rdb.Do(ctx, rdb.B().Publish().Channel(b.channel).Message(msg).Build()).Error()
 }
 
 // listen subscribes to the channel, reconnecting with backoff. Every
 // (re)subscription wakes the worker: wake-ups may have been missed while
 // it was not subscribed.
-func (b *redisBus) listen(ctx context.Context, wake func()) error {
+func (b *redisBus) listen(ctx context.Context, wake func(), cancel func(id int64)) error {
 	rdb := b.l.rdb
 	if rdb == nil {
 		return nil
@@ -622,7 +640,9 @@ func (b *redisBus) listen(ctx context.Context, wake func()) error {
 				wake()
 			}
 		})
-		err := rdb.Receive(sctx, rdb.B().Subscribe().Channel(b.channel).Build(), func(rueidis.PubSubMessage) { wake() })
+		err := rdb.Receive(sctx, rdb.B().Subscribe().Channel(b.channel).Build(), func(m rueidis.PubSubMessage) {
+			onMessage(m.Message, wake, cancel)
+		})
 		if ctx.Err() != nil {
 			break
 		}

@@ -26,29 +26,40 @@ type querier interface {
 
 // queries holds the store's SQL for one schema.
 type queries struct {
-	dispatch string
-	get      string
-	list     string
-	finals   string
-	window   string
-	holding  string
-	claim    string
-	finish   string
-	lock     string
-	register string
-	beat     string
-	retire   string
-	liveKind string
+	dispatch     string
+	cancel       string
+	get          string
+	list         string
+	finals       string
+	window       string
+	holding      string
+	claim        string
+	finish       string
+	lock         string
+	unlock       string
+	unlockNotify string
 }
 
 const taskCols = `id, name, args, exclusive, shared, state, coalesce(worker_id, 0), epoch,
-	created_at, coalesce(started_at, 'epoch'), coalesce(finished_at, 'epoch'), coalesce(error, ''), result`
+	created_at, coalesce(started_at, 'epoch'), coalesce(finished_at, 'epoch'), coalesce(error, ''), result,
+	coalesce(timeout_ms, 0)`
 
 func newQueries(schema string) queries {
 	s := pgx.Identifier{schema}.Sanitize()
 	return queries{
-		dispatch: `SELECT id, created_at FROM ` + s + `.dispatch($1, $2, $3, $4, $5, $6, $7)`,
-		get:      `SELECT ` + taskCols + ` FROM ` + s + `.tasks WHERE id = $1`,
+		dispatch: `SELECT id, created_at FROM ` + s + `.dispatch($1, $2, $3, $4, $5, $6, $7, $8)`,
+		// Waiting: canceled at once. Running: canceling, and its worker is
+		// told ($2, the wake channel, when workers LISTEN).
+		cancel: `WITH u AS (
+				UPDATE ` + s + `.tasks
+				SET state = CASE state WHEN 'waiting' THEN 'canceled' ELSE 'canceling' END,
+				    finished_at = CASE state WHEN 'waiting' THEN clock_timestamp() END
+				WHERE id = $1 AND state IN ('waiting', 'running')
+				RETURNING id, state
+			)
+			SELECT u.state, (SELECT count(*) FROM (SELECT pg_notify($2, 'c' || u.id)
+				WHERE u.state = 'canceling' AND $2 <> '') n) FROM u`,
+		get: `SELECT ` + taskCols + ` FROM ` + s + `.tasks WHERE id = $1`,
 		list: `SELECT ` + taskCols + ` FROM ` + s + `.tasks
 			WHERE id > $1 AND ($2 = '' OR state = $2) AND ($3 = '' OR name = $3)
 			  AND ($4 = '' OR $4 = ANY(exclusive) OR $4 = ANY(shared))
@@ -77,7 +88,8 @@ func newQueries(schema string) queries {
 			SET state = 'running', worker_id = $1, epoch = t.epoch + 1, started_at = clock_timestamp()
 			FROM (SELECT id FROM granted UNION ALL SELECT id FROM free) c
 			WHERE t.id = c.id
-			RETURNING t.id, t.name, t.exclusive, t.shared, t.args, t.epoch, t.created_at, t.started_at`,
+			RETURNING t.id, t.name, t.exclusive, t.shared, t.args, t.epoch, t.created_at, t.started_at,
+				coalesce(t.timeout_ms, 0)`,
 		// Guarded by worker and epoch: a late write from a worker that lost
 		// its claim changes nothing. A canceling task ends canceled.
 		finish: `UPDATE ` + s + `.tasks t
@@ -86,16 +98,11 @@ func newQueries(schema string) queries {
 			FROM unnest($2::bigint[], $3::int[], $4::text[], $5::text[], $6::jsonb[]) AS v(id, epoch, state, error, result)
 			WHERE t.id = v.id AND t.worker_id = $1 AND t.epoch = v.epoch AND t.state IN ('running', 'canceling')
 			RETURNING t.id`,
-		lock: `SELECT req, fence FROM ` + s + `.lock_batch($1, $2, $3, $4, $5)`,
-		register: `INSERT INTO ` + s + `.workers (name, host, pid, locker) VALUES ($1, $2, $3, $4)
-			RETURNING id`,
-		// The heartbeat also counts the live workers, which spreads the
-		// fleet's fallback polls (see pollEvery).
-		beat: `UPDATE ` + s + `.workers SET heartbeat_at = now() WHERE id = $1
-			RETURNING (SELECT count(*) FROM ` + s + `.workers WHERE heartbeat_at > now() - $2::interval)`,
-		retire: `DELETE FROM ` + s + `.workers WHERE id = $1`,
-		liveKind: `SELECT locker, name FROM ` + s + `.workers
-			WHERE locker <> $1 AND heartbeat_at > now() - $2::interval LIMIT 1`,
+		lock:   `SELECT req, fence FROM ` + s + `.lock_batch($1, $2, $3, $4, $5)`,
+		unlock: `SELECT count(*) FROM ` + s + `.lock_batch($1, $2, '{}', '{}', '{}')`,
+		// The NOTIFY goes out at the end of the statement that released.
+		unlockNotify: `SELECT pg_notify($3, 'r') FROM (SELECT count(*) FROM ` + s +
+			`.lock_batch($1, $2, '{}', '{}', '{}')) x`,
 	}
 }
 
@@ -127,12 +134,14 @@ func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch) ([]*T
 	excl := make([][]string, len(b.specs))
 	shared := make([][]string, len(b.specs))
 	args := make([]string, len(b.specs))
+	timeouts := make([]int64, len(b.specs))
 	for i, s := range b.specs {
 		names[i], excl[i], shared[i], args[i] = s.Name, s.Exclusive, s.Shared, string(b.args[i])
+		timeouts[i] = s.Timeout.Milliseconds()
 	}
 	exclJSON, _ := json.Marshal(excl)
 	sharedJSON, _ := json.Marshal(shared)
-	rows, err := db.Query(ctx, c.q.dispatch, names, args, string(exclJSON), string(sharedJSON),
+	rows, err := db.Query(ctx, c.q.dispatch, names, args, string(exclJSON), string(sharedJSON), timeouts,
 		b.lockKeys, b.lockExcl, c.bus.dispatchChannel())
 	if err != nil {
 		return nil, dispatchErr(err)
@@ -163,7 +172,7 @@ func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch) ([]*T
 		s := b.specs[i]
 		tasks[i] = &Task{
 			ID: r.id, Name: s.Name, Args: b.args[i], Exclusive: s.Exclusive, Shared: s.Shared,
-			State: StateWaiting, CreatedAt: r.created,
+			State: StateWaiting, CreatedAt: r.created, Timeout: s.Timeout,
 		}
 	}
 	return tasks, nil
@@ -184,12 +193,14 @@ func scanTask(row pgx.Row) (*Task, error) {
 	t := &Task{}
 	var state string
 	var args, result []byte
+	var timeoutMS int64
 	err := row.Scan(&t.ID, &t.Name, &args, &t.Exclusive, &t.Shared, &state, &t.WorkerID, &t.Epoch,
-		&t.CreatedAt, &t.StartedAt, &t.FinishedAt, &t.Error, &result)
+		&t.CreatedAt, &t.StartedAt, &t.FinishedAt, &t.Error, &result, &timeoutMS)
 	if err != nil {
 		return nil, err
 	}
 	t.State = State(state)
+	t.Timeout = time.Duration(timeoutMS) * time.Millisecond
 	t.Args = args
 	t.Result = result
 	if t.StartedAt.Unix() == 0 {
@@ -274,6 +285,7 @@ type claimed struct {
 	epoch   int
 	created time.Time
 	started time.Time
+	timeout int64 // ms
 }
 
 func (c *Client) claim(ctx context.Context, worker int64, ids []int64, names []string, free int) ([]claimed, error) {
@@ -285,7 +297,7 @@ func (c *Client) claim(ctx context.Context, worker int64, ids []int64, names []s
 	var out []claimed
 	for rows.Next() {
 		var r claimed
-		if err := rows.Scan(&r.id, &r.name, &r.excl, &r.shared, &r.args, &r.epoch, &r.created, &r.started); err != nil {
+		if err := rows.Scan(&r.id, &r.name, &r.excl, &r.shared, &r.args, &r.epoch, &r.created, &r.started, &r.timeout); err != nil {
 			return nil, err
 		}
 		out = append(out, r)

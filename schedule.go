@@ -1,6 +1,7 @@
 package tasking
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -140,7 +141,7 @@ func (r *run) cycle(ctx context.Context, free int) (progress, more bool, err err
 		r.start(&Task{
 			ID: row.id, Name: row.name, Args: row.args, Exclusive: row.excl, Shared: row.shared,
 			State: StateRunning, WorkerID: r.id, Epoch: row.epoch, CreatedAt: row.created,
-			StartedAt: row.started, Fence: fence,
+			StartedAt: row.started, Fence: fence, Timeout: time.Duration(row.timeout) * time.Millisecond,
 		})
 	}
 	if len(fences) > 0 { // granted, but another worker claimed or canceled the task first
@@ -265,29 +266,41 @@ func (r *run) releaseOwners(reqs []LockRequest) {
 
 // start runs t's handler in its own goroutine.
 func (r *run) start(t *Task) {
+	h := r.handlers[t.Name]
 	hctx, cancel := context.WithCancelCause(r.base)
 	hctx = context.WithValue(hctx, taskKey{}, t)
-	a := &activeTask{task: t, cancel: cancel, names: len(t.Exclusive)+len(t.Shared) > 0}
+	stopTimer := context.CancelFunc(func() {})
+	if d := cmp.Or(t.Timeout, h.timeout); d > 0 {
+		hctx, stopTimer = context.WithTimeoutCause(hctx, d, ErrTimeout)
+	}
+	a := &activeTask{task: t, names: len(t.Exclusive)+len(t.Shared) > 0}
 	r.mu.Lock()
+	a.cancel = cancel
 	r.active[t.ID] = a
+	if _, ok := r.canceled[t.ID]; ok { // canceled while we were claiming it
+		delete(r.canceled, t.ID)
+		cancel(ErrCanceled)
+	}
 	r.mu.Unlock()
 	r.handlerW.Add(1)
 	go func() {
 		defer r.handlerW.Done()
-		err := r.call(hctx, t)
+		err := r.call(hctx, h.fn, t)
 		if lc, ok := r.lock.(leaseChecker); ok && a.names {
 			lc.checkLease(Owner{r.id, t.ID}) // may call r.lost, before a.lost is read
 		}
 		cause := context.Cause(hctx)
-		cancel(nil)
-
+		stopTimer()
 		r.mu.Lock()
+		a.cancel(nil)
 		delete(r.active, t.ID)
-		lost := a.lost
 		o := outcome{task: t, state: StateCompleted, owner: a.names}
 		switch {
-		case lost:
+		case a.lost:
 			o.state, o.err = StateFailed, errorText(cause)
+		case errors.Is(cause, ErrTimeout) || errors.Is(cause, ErrCanceled) || errors.Is(cause, ErrWorkerLost):
+			// A canceled task ends canceled in the finish statement.
+			o.state, o.err = StateFailed, cause.Error()
 		case err != nil:
 			o.state, o.err = StateFailed, err.Error()
 			if errors.Is(cause, ErrShutdown) {
@@ -320,13 +333,13 @@ func errorText(err error) string {
 }
 
 // call runs the handler, turning a panic into an error with its stack.
-func (r *run) call(ctx context.Context, t *Task) (err error) {
+func (r *run) call(ctx context.Context, fn HandlerFunc, t *Task) (err error) {
 	defer func() {
 		if v := recover(); v != nil {
 			err = fmt.Errorf("panic: %v\n%s", v, debug.Stack())
 		}
 	}()
-	return r.handlers[t.Name](ctx, t)
+	return fn(ctx, t)
 }
 
 // finisher writes final states in batches: whatever has queued up while the

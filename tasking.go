@@ -6,9 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"sort"
-	"strconv"
-	"strings"
 	"sync"
 	"time"
 	"unicode/utf8"
@@ -49,6 +46,21 @@ var (
 	// ErrShutdown is the cause given to a handler's context when the worker
 	// stops before the handler returns; the task ends failed.
 	ErrShutdown = errors.New("worker shut down before the task finished")
+	// ErrCanceled is the cause given to a handler's context when its task is
+	// canceled; the task ends canceled.
+	ErrCanceled = errors.New("canceled")
+	// ErrTimeout is the cause given to a handler's context at the task's
+	// deadline; the task ends failed.
+	ErrTimeout = errors.New("timeout")
+	// ErrWorkerLost is the cause given to a handler's context when its worker
+	// was declared gone (it missed heartbeats for a TTL, e.g. while paused);
+	// cleanup has already failed the task with "worker lost".
+	ErrWorkerLost = errors.New("worker lost")
+	// ErrWorkerNameInUse: a live worker already has the name.
+	ErrWorkerNameInUse = errors.New("tasking: a live worker already has this name")
+	// ErrTaskFinal: the task already completed or failed, so it cannot be
+	// canceled.
+	ErrTaskFinal = errors.New("tasking: task already final")
 )
 
 // InputError describes input rejected before anything was written.
@@ -93,8 +105,9 @@ type Task struct {
 	Exclusive  []string
 	Shared     []string
 	State      State
-	WorkerID   int64 // the worker instance that last claimed it, 0 if none
-	Epoch      int   // incremented by every claim
+	WorkerID   int64         // the worker instance that last claimed it, 0 if none
+	Epoch      int           // incremented by every claim
+	Timeout    time.Duration // handler deadline set at dispatch, 0 for none
 	CreatedAt  time.Time
 	StartedAt  time.Time // zero until claimed
 	FinishedAt time.Time // zero until final
@@ -256,12 +269,21 @@ func Shared(names ...string) DispatchOption {
 	return func(s *TaskSpec) { s.Shared = append(s.Shared, names...) }
 }
 
+// Timeout gives the task's handler a deadline: its context is canceled with
+// cause [ErrTimeout] when d has passed since it started, and the task ends
+// failed with "timeout". It overrides the handler's [HandlerTimeout].
+// Default: none.
+func Timeout(d time.Duration) DispatchOption {
+	return func(s *TaskSpec) { s.Timeout = d }
+}
+
 // TaskSpec describes one task to dispatch. Build it with [Spec] or fill it in.
 type TaskSpec struct {
 	Name      string
 	Args      any // marshalled to JSON; json.RawMessage and []byte are taken as JSON
 	Exclusive []string
 	Shared    []string
+	Timeout   time.Duration // 0: none
 }
 
 // Spec builds a TaskSpec for [Client.DispatchMany].
@@ -349,6 +371,40 @@ func (c *Client) Notify(ctx context.Context) error {
 	return nil
 }
 
+// Cancel cancels a task. A waiting task becomes canceled at once. A running
+// one becomes canceling: its worker is told, cancels the handler's context
+// with cause [ErrCanceled], and the task ends canceled whatever the handler
+// returns. Canceling a task that is already canceled or canceling does
+// nothing; a completed or failed one returns [ErrTaskFinal], an unknown id
+// [ErrNotFound]. A cancel that races a claim, a finish or a worker's death
+// still ends in one final state: every transition is a guarded update.
+func (c *Client) Cancel(ctx context.Context, id int64) error {
+	if err := c.checkSchema(ctx); err != nil {
+		return err
+	}
+	var state string
+	var notified int64
+	err := c.pool.QueryRow(ctx, c.q.cancel, id, c.bus.dispatchChannel()).Scan(&state, &notified)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		t, err := c.get(ctx, id)
+		if err != nil {
+			return err
+		}
+		if t.State == StateCanceled || t.State == StateCanceling {
+			return nil
+		}
+		return fmt.Errorf("%w: task %d is %s", ErrTaskFinal, id, t.State)
+	case err != nil:
+		return fmt.Errorf("tasking: cancel task %d: %w", id, err)
+	}
+	if State(state) == StateCanceling {
+		c.bus.canceled(ctx, id)
+	}
+	c.waits.poke()
+	return nil
+}
+
 // Get returns the task with that id, or ErrNotFound.
 func (c *Client) Get(ctx context.Context, id int64) (*Task, error) {
 	if err := c.checkSchema(ctx); err != nil {
@@ -366,209 +422,4 @@ func (c *Client) Wait(ctx context.Context, id int64) (*Task, error) {
 		return t, err
 	}
 	return c.waits.wait(ctx, id)
-}
-
-// preparedBatch is a validated, normalised batch ready for insert.
-type preparedBatch struct {
-	specs    []TaskSpec // normalised names
-	args     [][]byte
-	lockKeys []int64 // sorted, one per distinct resource of the batch
-	lockExcl []bool
-}
-
-func prepareBatch(schema string, specs []TaskSpec) (*preparedBatch, error) {
-	b := &preparedBatch{specs: make([]TaskSpec, len(specs)), args: make([][]byte, len(specs))}
-	modes := make(map[int64]bool)
-	for i, s := range specs {
-		if err := checkName("task name", s.Name, MaxTaskNameLen); err != nil {
-			return nil, err
-		}
-		a, err := marshalArgs(s.Args)
-		if err != nil {
-			return nil, err
-		}
-		excl, shared, err := normalizeResources(s.Exclusive, s.Shared)
-		if err != nil {
-			return nil, err
-		}
-		b.specs[i] = TaskSpec{Name: s.Name, Exclusive: excl, Shared: shared}
-		b.args[i] = a
-		for _, n := range excl {
-			modes[dispatchKey(schema, n)] = true
-		}
-		for _, n := range shared {
-			k := dispatchKey(schema, n)
-			modes[k] = modes[k] || false
-		}
-	}
-	for k := range modes {
-		b.lockKeys = append(b.lockKeys, k)
-	}
-	sort.Slice(b.lockKeys, func(i, j int) bool { return b.lockKeys[i] < b.lockKeys[j] })
-	b.lockExcl = make([]bool, len(b.lockKeys))
-	for i, k := range b.lockKeys {
-		b.lockExcl[i] = modes[k]
-	}
-	return b, nil
-}
-
-func marshalArgs(args any) ([]byte, error) {
-	var b []byte
-	switch a := args.(type) {
-	case nil:
-		return []byte("{}"), nil
-	case json.RawMessage:
-		b = a
-	case []byte:
-		b = a
-	default:
-		var err error
-		if b, err = json.Marshal(args); err != nil {
-			return nil, inputErr("args", "do not marshal to JSON: %v", err)
-		}
-	}
-	if !json.Valid(b) {
-		return nil, inputErr("args", "raw args are not valid JSON")
-	}
-	if !utf8.Valid(b) {
-		return nil, inputErr("args", "not valid UTF-8")
-	}
-	if err := checkJSONForPostgres(b); err != nil {
-		return nil, err
-	}
-	return b, nil
-}
-
-// numericFits reports whether a JSON number fits PostgreSQL's numeric: at
-// most 131072 digits before the decimal point and 16383 after.
-func numericFits(num string) bool {
-	mant, exp, _ := strings.Cut(strings.ToLower(num), "e")
-	e, err := strconv.Atoi(exp)
-	if exp == "" {
-		e, err = 0, nil
-	}
-	if err != nil {
-		return false // an exponent too long for an int is far out of range
-	}
-	intPart, frac, _ := strings.Cut(strings.TrimLeft(mant, "-"), ".")
-	intDigits := len(strings.TrimLeft(intPart, "0"))
-	if intDigits > 0 && intDigits+e > 131072 {
-		return false
-	}
-	return len(frac)-e <= 16383
-}
-
-// checkJSONForPostgres rejects what JSON allows but PostgreSQL's jsonb cannot
-// store: \u0000 and unpaired UTF-16 surrogates. b is valid JSON.
-func checkJSONForPostgres(b []byte) error {
-	hex4 := func(i int) (rune, bool) {
-		if i+6 > len(b) || b[i] != '\\' || b[i+1] != 'u' {
-			return 0, false
-		}
-		var r rune
-		for _, c := range b[i+2 : i+6] {
-			switch {
-			case c >= '0' && c <= '9':
-				r = r<<4 | rune(c-'0')
-			case c >= 'a' && c <= 'f':
-				r = r<<4 | rune(c-'a'+10)
-			case c >= 'A' && c <= 'F':
-				r = r<<4 | rune(c-'A'+10)
-			}
-		}
-		return r, true
-	}
-	inString := false
-	for i := 0; i < len(b); i++ {
-		switch c := b[i]; {
-		case !inString && (c == '-' || (c >= '0' && c <= '9')):
-			n := i
-			for n < len(b) && strings.IndexByte("+-0123456789.eE", b[n]) >= 0 {
-				n++
-			}
-			if !numericFits(string(b[i:n])) {
-				return inputErr("args", "contain the number %.40s, outside PostgreSQL's numeric range", b[i:n])
-			}
-			i = n - 1
-		case c == '"':
-			inString = !inString
-		case c == '\\' && inString:
-			r, ok := hex4(i)
-			if !ok {
-				i++ // a one-character escape
-				continue
-			}
-			switch {
-			case r == 0:
-				return inputErr("args", "contain \\u0000, which PostgreSQL jsonb cannot store")
-			case r >= 0xDC00 && r <= 0xDFFF:
-				return inputErr("args", "contain an unpaired UTF-16 surrogate escape")
-			case r >= 0xD800 && r <= 0xDBFF:
-				low, ok := hex4(i + 6)
-				if !ok || low < 0xDC00 || low > 0xDFFF {
-					return inputErr("args", "contain an unpaired UTF-16 surrogate escape")
-				}
-				i += 6
-			}
-			i += 5
-		}
-	}
-	return nil
-}
-
-// normalizeResources drops duplicates, makes a name given in both modes
-// exclusive, and rejects bad names. The result is sorted.
-func normalizeResources(exclusive, shared []string) ([]string, []string, error) {
-	mode := make(map[string]bool, len(exclusive)+len(shared))
-	for _, n := range exclusive {
-		if err := checkName("resource name", n, MaxResourceNameLen); err != nil {
-			return nil, nil, err
-		}
-		mode[n] = true
-	}
-	for _, n := range shared {
-		if err := checkName("resource name", n, MaxResourceNameLen); err != nil {
-			return nil, nil, err
-		}
-		if _, ok := mode[n]; !ok {
-			mode[n] = false
-		}
-	}
-	if len(mode) > MaxResources {
-		return nil, nil, inputErr("resources", "%d distinct names, at most %d allowed", len(mode), MaxResources)
-	}
-	excl, sh := []string{}, []string{}
-	for n, x := range mode {
-		if x {
-			excl = append(excl, n)
-		} else {
-			sh = append(sh, n)
-		}
-	}
-	sort.Strings(excl)
-	sort.Strings(sh)
-	return excl, sh, nil
-}
-
-func checkName(field, s string, max int) error {
-	switch {
-	case s == "":
-		return inputErr(field, "empty")
-	case len(s) > max:
-		return inputErr(field, "%d bytes, at most %d allowed", len(s), max)
-	case !utf8.ValidString(s):
-		return inputErr(field, "not valid UTF-8")
-	case containsNUL(s):
-		return inputErr(field, "contains a NUL byte")
-	}
-	return nil
-}
-
-func containsNUL(s string) bool {
-	for i := 0; i < len(s); i++ {
-		if s[i] == 0 {
-			return true
-		}
-	}
-	return false
 }

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"math/rand/v2"
+	"strconv"
 	"sync"
 	"time"
 
@@ -25,8 +26,24 @@ type wakeBus interface {
 	released(ctx context.Context)
 	// notify wakes the workers now (Client.Notify).
 	notify(ctx context.Context) error
-	// listen calls wake for every wake-up until ctx is done.
-	listen(ctx context.Context, wake func()) error
+	// canceled is called after a running task was set canceling, to tell
+	// its worker (a no-op when the cancel statement notified already).
+	canceled(ctx context.Context, id int64)
+	// listen calls wake for every wake-up and cancel for every canceled
+	// task until ctx is done.
+	listen(ctx context.Context, wake func(), cancel func(id int64)) error
+}
+
+// onMessage dispatches one bus message: "c<id>" cancels a task, anything
+// else wakes the scheduler.
+func onMessage(payload string, wake func(), cancel func(id int64)) {
+	if len(payload) > 1 && payload[0] == 'c' {
+		if id, err := strconv.ParseInt(payload[1:], 10, 64); err == nil {
+			cancel(id)
+			return
+		}
+	}
+	wake()
 }
 
 // newBus picks the wake-up transport that goes with the client's locker.
@@ -58,6 +75,8 @@ func (b *pgBus) dispatchChannel() string { return b.channel }
 
 func (b *pgBus) dispatched(context.Context) {} // the dispatch statement notified
 
+func (b *pgBus) canceled(context.Context, int64) {} // the cancel statement notified
+
 func (b *pgBus) released(ctx context.Context) {
 	if _, err := b.c.pool.Exec(ctx, "SELECT pg_notify($1, 'r')", b.channel); err != nil && ctx.Err() == nil {
 		b.c.log.Warn("tasking: release wake-up not sent", "err", err)
@@ -70,11 +89,11 @@ func (b *pgBus) notify(ctx context.Context) error {
 }
 
 // listen holds a dedicated connection in LISTEN, reconnecting with backoff.
-func (b *pgBus) listen(ctx context.Context, wake func()) error {
+func (b *pgBus) listen(ctx context.Context, wake func(), cancel func(id int64)) error {
 	backoff := 50 * time.Millisecond
 	warned := false
 	for ctx.Err() == nil {
-		err := b.listenOnce(ctx, wake, func() { backoff = 50 * time.Millisecond; warned = false })
+		err := b.listenOnce(ctx, wake, cancel, func() { backoff = 50 * time.Millisecond; warned = false })
 		if ctx.Err() != nil {
 			break
 		}
@@ -89,7 +108,7 @@ func (b *pgBus) listen(ctx context.Context, wake func()) error {
 	return nil
 }
 
-func (b *pgBus) listenOnce(ctx context.Context, wake func(), connected func()) error {
+func (b *pgBus) listenOnce(ctx context.Context, wake func(), cancel func(id int64), connected func()) error {
 	conn, err := pgx.ConnectConfig(ctx, b.c.pool.Config().ConnConfig.Copy())
 	if err != nil {
 		return err
@@ -101,10 +120,11 @@ func (b *pgBus) listenOnce(ctx context.Context, wake func(), connected func()) e
 	connected()
 	wake() // tasks may have arrived while we were not listening
 	for {
-		if _, err := conn.WaitForNotification(ctx); err != nil {
+		n, err := conn.WaitForNotification(ctx)
+		if err != nil {
 			return err
 		}
-		wake()
+		onMessage(n.Payload, wake, cancel)
 	}
 }
 

@@ -5,15 +5,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"log/slog"
+	"maps"
 	"os"
 	"sync"
-	"sync/atomic"
 	"time"
-
-	"github.com/jackc/pgx/v5"
-
-	"github.com/tasking-go/tasking/internal/admit"
 )
 
 // HandlerFunc runs one task. Its context is canceled when the task is
@@ -25,14 +20,29 @@ type HandlerFunc func(ctx context.Context, t *Task) error
 
 // HandleFunc registers a handler whose args are decoded from JSON into T.
 // The running task is available through [TaskFromContext].
-func HandleFunc[T any](w *Worker, name string, fn func(ctx context.Context, args T) error) {
+func HandleFunc[T any](w *Worker, name string, fn func(ctx context.Context, args T) error, opts ...HandlerOption) {
 	w.Handle(name, func(ctx context.Context, t *Task) error {
 		var args T
 		if err := json.Unmarshal(t.Args, &args); err != nil {
 			return fmt.Errorf("tasking: decode args of %q into %T: %w", name, args, err)
 		}
 		return fn(ctx, args)
-	})
+	}, opts...)
+}
+
+// HandlerOption configures one handler.
+type HandlerOption func(*handler)
+
+// HandlerTimeout gives every run of the handler a deadline: its context is
+// canceled with cause [ErrTimeout] after d, and the task ends failed with
+// "timeout". A task's own [Timeout] overrides it. Default: none.
+func HandlerTimeout(d time.Duration) HandlerOption {
+	return func(h *handler) { h.timeout = d }
+}
+
+type handler struct {
+	fn      HandlerFunc
+	timeout time.Duration
 }
 
 type taskKey struct{}
@@ -83,9 +93,11 @@ type Worker struct {
 	c        *Client
 	cfg      workerConfig
 	mu       sync.Mutex
-	handlers map[string]HandlerFunc
+	handlers map[string]handler
 	running  bool
 	id       int64
+	stop     func(context.Context) // set while running: asks Run to shut down
+	done     chan struct{}         // closed when the current Run returns
 }
 
 // NewWorker returns a worker for c's queue.
@@ -101,18 +113,25 @@ func NewWorker(c *Client, opts ...WorkerOption) *Worker {
 	for _, o := range opts {
 		o(&cfg)
 	}
-	return &Worker{c: c, cfg: cfg, handlers: make(map[string]HandlerFunc)}
+	return &Worker{c: c, cfg: cfg, handlers: make(map[string]handler)}
 }
 
 // Handle registers the handler for tasks named name. It panics on an
-// invalid name, a nil handler, a name registered twice, or a running worker,
-// as these are programming errors.
-func (w *Worker) Handle(name string, h HandlerFunc) {
+// invalid name, a nil handler, a name registered twice, a negative timeout,
+// or a running worker, as these are programming errors.
+func (w *Worker) Handle(name string, fn HandlerFunc, opts ...HandlerOption) {
 	if err := checkName("task name", name, MaxTaskNameLen); err != nil {
 		panic(err)
 	}
-	if h == nil {
+	if fn == nil {
 		panic("tasking: nil handler for " + name)
+	}
+	h := handler{fn: fn}
+	for _, o := range opts {
+		o(&h)
+	}
+	if h.timeout < 0 {
+		panic(fmt.Sprintf("tasking: negative timeout %v for handler %s", h.timeout, name))
 	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -133,28 +152,42 @@ func (w *Worker) ID() int64 {
 	return w.id
 }
 
-// Run registers the worker, runs tasks until ctx is done, then shuts down:
-// it stops admitting, lets running handlers finish for the shutdown grace,
-// cancels the rest (they end failed with [ErrShutdown]), writes every final
-// state and releases every lock. It returns nil after a clean shutdown.
+// Run registers the worker, runs tasks until ctx is done or Stop is called,
+// then shuts down: it stops admitting, lets running handlers finish for the
+// shutdown grace, cancels the rest (they end failed with [ErrShutdown]),
+// writes every final state and releases every lock. It returns nil after a
+// clean shutdown.
+//
+// Handlers must return once their context is canceled: a handler that does
+// not is abandoned after a few more seconds, and its task is left running
+// until the cleanup of dead workers fails it.
 func (w *Worker) Run(ctx context.Context) error {
 	if err := w.validate(); err != nil {
 		return err
 	}
+	runCtx, cancelRun := context.WithCancel(ctx)
+	defer cancelRun()
+	var stopMu sync.Mutex
+	var stopCtx context.Context // the deadline Stop gave, if it was called
 	w.mu.Lock()
 	if w.running {
 		w.mu.Unlock()
 		return errors.New("tasking: worker is already running")
 	}
 	w.running = true
-	handlers := make(map[string]HandlerFunc, len(w.handlers))
-	for k, v := range w.handlers {
-		handlers[k] = v
+	w.done = make(chan struct{})
+	w.stop = func(ctx context.Context) {
+		stopMu.Lock()
+		stopCtx = ctx
+		stopMu.Unlock()
+		cancelRun()
 	}
+	handlers := maps.Clone(w.handlers)
 	w.mu.Unlock()
 	defer func() {
 		w.mu.Lock()
-		w.running, w.id = false, 0
+		w.running, w.id, w.stop = false, 0, nil
+		close(w.done)
 		w.mu.Unlock()
 	}()
 
@@ -162,24 +195,56 @@ func (w *Worker) Run(ctx context.Context) error {
 	if err := c.checkSchema(ctx); err != nil {
 		return err
 	}
-	id, err := w.register(ctx)
-	if err != nil {
+	r := newRun(w, handlers)
+	if err := r.register(ctx); err != nil {
+		if runCtx.Err() != nil {
+			return nil // asked to stop before it was up
+		}
 		return err
 	}
 	w.mu.Lock()
-	w.id = id
+	w.id = r.id
 	w.mu.Unlock()
-	r := newRun(w, id, handlers)
 	defer r.retire()
 
+	var err error
 	r.lock, err = c.locker.Open(ctx, LockSessionConfig{
-		Worker: id, Pool: c.pool, Schema: c.schema, Logger: r.log, OnLost: r.lost,
+		Worker: r.id, Pool: c.pool, Schema: c.schema, Logger: r.log, OnLost: r.lost,
 	})
 	if err != nil {
+		if runCtx.Err() != nil {
+			return nil // asked to stop before it was up
+		}
 		return fmt.Errorf("tasking: open %s locker: %w", c.locker.Kind(), err)
 	}
 	r.log.Info("tasking: worker started", "slots", w.cfg.slots, "locker", c.locker.Kind())
-	r.serve(ctx)
+	r.serve(runCtx, func() context.Context {
+		stopMu.Lock()
+		defer stopMu.Unlock()
+		if stopCtx != nil {
+			return stopCtx
+		}
+		grace, cancel := context.WithTimeout(context.Background(), w.cfg.grace)
+		context.AfterFunc(grace, cancel)
+		return grace
+	})
+	return nil
+}
+
+// Stop shuts down the running Run like canceling its context does, but with
+// ctx as the grace: running handlers may finish until ctx is done, then
+// they are canceled (cause [ErrShutdown]). Stop with a done ctx is a hard
+// stop. It returns when Run has returned; it does nothing when the worker
+// is not running.
+func (w *Worker) Stop(ctx context.Context) error {
+	w.mu.Lock()
+	stop, done := w.stop, w.done
+	w.mu.Unlock()
+	if stop == nil {
+		return nil
+	}
+	stop(ctx)
+	<-done
 	return nil
 }
 
@@ -203,207 +268,4 @@ func (w *Worker) validate() error {
 		return inputErr("worker name", "empty")
 	}
 	return nil
-}
-
-// register adds the worker to the workers table, refusing while live workers
-// use another kind of locker. The check and the insert hold a transaction
-// lock so two workers of different kinds cannot both pass.
-func (w *Worker) register(ctx context.Context) (int64, error) {
-	c := w.c
-	host, _ := os.Hostname()
-	var id int64
-	err := pgx.BeginFunc(ctx, c.pool, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock($1)", hashKey("tasking/registry", c.schema, "")); err != nil {
-			return err
-		}
-		var kind, name string
-		err := tx.QueryRow(ctx, c.q.liveKind, c.locker.Kind(), w.cfg.ttl.String()).Scan(&kind, &name)
-		if err == nil {
-			return fmt.Errorf("%w: worker %q uses %q, this one %q", ErrLockerMismatch, name, kind, c.locker.Kind())
-		}
-		if !errors.Is(err, pgx.ErrNoRows) {
-			return err
-		}
-		return tx.QueryRow(ctx, c.q.register, w.cfg.name, host, os.Getpid(), c.locker.Kind()).Scan(&id)
-	})
-	if err != nil && !errors.Is(err, ErrLockerMismatch) {
-		err = fmt.Errorf("tasking: register worker: %w", err)
-	}
-	return id, err
-}
-
-// run is the state of one Worker.Run.
-type run struct {
-	w        *Worker
-	c        *Client
-	id       int64
-	log      *slog.Logger
-	handlers map[string]HandlerFunc
-	names    []string // handled task names, for the claim of tasks without resources
-	lock     LockSession
-
-	// base parents every handler context; canceling it cuts off handlers at
-	// the end of the shutdown grace.
-	base      context.Context
-	cancelAll context.CancelCauseFunc
-
-	mu     sync.Mutex
-	active map[int64]*activeTask
-
-	sendMu  sync.RWMutex // guards closed and sends on results
-	closed  bool         // results no longer accepted
-	results chan outcome
-
-	wake     chan struct{}
-	live     atomic.Int64 // live workers in the fleet, from the last heartbeat
-	handlerW sync.WaitGroup
-	finished chan struct{} // closed when the finisher has written everything
-
-	// scheduler scratch, reused between cycles
-	taken   *admit.Taken
-	entries []admit.Entry
-	cands   []admit.Entry
-}
-
-type activeTask struct {
-	task   *Task
-	cancel context.CancelCauseFunc
-	names  bool // holds grants
-	lost   bool // grants lost: fail whatever the handler returns
-}
-
-func newRun(w *Worker, id int64, handlers map[string]HandlerFunc) *run {
-	base, cancelAll := context.WithCancelCause(context.Background())
-	names := make([]string, 0, len(handlers))
-	for n := range handlers {
-		names = append(names, n)
-	}
-	return &run{
-		names: names,
-		w:     w, c: w.c, id: id, handlers: handlers,
-		log:       w.c.log.With("worker", w.cfg.name, "worker_id", id),
-		base:      base,
-		cancelAll: cancelAll,
-		active:    make(map[int64]*activeTask),
-		results:   make(chan outcome, 4*w.cfg.slots),
-		wake:      make(chan struct{}, 1),
-		finished:  make(chan struct{}),
-		taken:     admit.NewTaken(),
-	}
-}
-
-// signal asks the scheduler for another cycle.
-func (r *run) signal() {
-	select {
-	case r.wake <- struct{}{}:
-	default:
-	}
-}
-
-// serve runs the worker until ctx is done, then shuts it down.
-func (r *run) serve(ctx context.Context) {
-	bg, stopBg := context.WithCancel(context.WithoutCancel(ctx))
-	var bgW sync.WaitGroup
-	bgW.Add(3)
-	go func() { defer bgW.Done(); _ = r.c.bus.listen(bg, r.signal) }()
-	go func() { defer bgW.Done(); r.heartbeat(bg) }()
-	go func() { defer bgW.Done(); r.finisher() }()
-
-	r.schedule(ctx)
-
-	// Shutdown: no more admissions. Let handlers finish within the grace,
-	// then cut them off.
-	if !waitGroupTimeout(&r.handlerW, r.w.cfg.grace) {
-		r.log.Warn("tasking: shutdown grace over; canceling running handlers")
-		r.cancelAll(ErrShutdown)
-		if !waitGroupTimeout(&r.handlerW, hardStopWait) {
-			r.log.Error("tasking: handlers ignore cancellation; leaving their tasks running for cleanup")
-		}
-	}
-	r.sendMu.Lock()
-	r.closed = true
-	close(r.results)
-	r.sendMu.Unlock()
-	<-r.finished
-	stopBg()
-	bgW.Wait()
-}
-
-// hardStopWait bounds how long shutdown waits for handlers that were canceled.
-const hardStopWait = 5 * time.Second
-
-// retire closes the lock session and removes the worker's row.
-func (r *run) retire() {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	r.cancelAll(ErrShutdown)
-	if r.lock != nil {
-		if err := r.lock.Close(ctx); err != nil {
-			r.log.Warn("tasking: close locker", "err", err)
-		}
-	}
-	if _, err := r.c.pool.Exec(ctx, r.c.q.retire, r.id); err != nil {
-		r.log.Warn("tasking: remove worker row", "err", err)
-	}
-	r.log.Info("tasking: worker stopped")
-}
-
-// beat records a heartbeat and learns how many workers are live.
-func (r *run) beat(ctx context.Context) {
-	var live int64
-	err := r.c.pool.QueryRow(ctx, r.c.q.beat, r.id, r.w.cfg.ttl.String()).Scan(&live)
-	switch {
-	case err != nil && ctx.Err() == nil:
-		r.log.Warn("tasking: heartbeat failed", "err", err)
-	case err == nil:
-		r.live.Store(max(live, 1))
-	}
-}
-
-// pollEvery is this worker's fallback poll interval: the configured one
-// times the number of live workers, so the fleet as a whole polls about once
-// per interval however many workers it has (a fleet of 150 workers polling
-// every 10 ms each saturated Pulp's database).
-func (r *run) pollEvery() time.Duration {
-	return jitter(r.w.cfg.poll * time.Duration(max(r.live.Load(), 1)))
-}
-
-func (r *run) heartbeat(ctx context.Context) {
-	r.beat(ctx)
-	t := time.NewTicker(r.w.cfg.ttl / 3)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		r.beat(ctx)
-	}
-}
-
-// lost is the locker's OnLost: cancel the handlers whose grants are gone.
-func (r *run) lost(owners []Owner, cause error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	for _, o := range owners {
-		if a := r.active[o.Task]; a != nil && o.Worker == r.id {
-			a.lost = true
-			a.cancel(cause)
-		}
-	}
-	r.log.Warn("tasking: locks lost; canceled their tasks", "tasks", len(owners), "cause", cause)
-}
-
-func waitGroupTimeout(wg *sync.WaitGroup, d time.Duration) bool {
-	done := make(chan struct{})
-	go func() { wg.Wait(); close(done) }()
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-done:
-		return true
-	case <-t.C:
-		return false
-	}
 }

@@ -17,6 +17,7 @@ CREATE TABLE {{schema}}.tasks (
                 CHECK (state IN ('waiting', 'running', 'canceling', 'completed', 'failed', 'canceled')),
     worker_id   bigint,
     epoch       integer     NOT NULL DEFAULT 0,
+    timeout_ms  bigint,                      -- handler deadline, NULL for none
     created_at  timestamptz NOT NULL DEFAULT now(),
     started_at  timestamptz,
     finished_at timestamptz,
@@ -57,7 +58,7 @@ CREATE TABLE {{schema}}.workers (
 -- draws a larger seq: for conflicting tasks commit order equals seq order.
 -- p_excl and p_shared are JSON arrays holding one array of names per task.
 CREATE FUNCTION {{schema}}.dispatch(
-    p_names text[], p_args jsonb[], p_excl jsonb, p_shared jsonb,
+    p_names text[], p_args jsonb[], p_excl jsonb, p_shared jsonb, p_timeouts bigint[],
     p_lock_keys bigint[], p_lock_excl boolean[], p_channel text)
 RETURNS TABLE (id bigint, created_at timestamptz)
 LANGUAGE plpgsql AS $$
@@ -70,11 +71,12 @@ BEGIN
         END IF;
     END LOOP;
     RETURN QUERY
-    INSERT INTO {{schema}}.tasks AS t (id, name, args, exclusive, shared)
+    INSERT INTO {{schema}}.tasks AS t (id, name, args, exclusive, shared, timeout_ms)
     SELECT nextval('{{schema}}.task_seq'), u.n, u.a,
            ARRAY(SELECT jsonb_array_elements_text(p_excl -> (u.o::int - 1))),
-           ARRAY(SELECT jsonb_array_elements_text(p_shared -> (u.o::int - 1)))
-      FROM unnest(p_names, p_args) WITH ORDINALITY AS u(n, a, o)
+           ARRAY(SELECT jsonb_array_elements_text(p_shared -> (u.o::int - 1))),
+           nullif(u.tm, 0)
+      FROM unnest(p_names, p_args, p_timeouts) WITH ORDINALITY AS u(n, a, tm, o)
      ORDER BY u.o
     RETURNING t.id, t.created_at;
     IF p_channel <> '' THEN

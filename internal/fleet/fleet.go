@@ -1,0 +1,217 @@
+// Package fleet keeps the workers table: registration, heartbeats and the
+// cleanup of workers that went missing.
+//
+// Every worker sends a heartbeat (the database clock) every TTL/3 from its
+// own goroutine. Cleanup is leaderless: every worker tries it on its
+// heartbeat, and whichever wins a transaction-scoped try-lock does it. It
+// removes workers missed for a TTL, fails their running tasks with "worker
+// lost", and ends their canceling tasks as canceled. A worker is therefore
+// declared gone within one TTL plus one heartbeat period.
+//
+// A worker that was declared gone but is still alive (a paused process) sees
+// its row missing at its next heartbeat; the caller then cancels its handlers
+// (their tasks are already final) and reinstates the row.
+package fleet
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// Store works on one schema's workers table.
+type Store struct {
+	pool   *pgxpool.Pool
+	schema string
+	q      string // quoted schema
+	regKey int64  // serialises registrations
+	gcKey  int64  // elects the cleaner
+}
+
+// New returns a store for schema. regKey and gcKey are advisory-lock keys
+// private to the schema.
+func New(pool *pgxpool.Pool, schema string, regKey, gcKey int64) *Store {
+	return &Store{pool: pool, schema: schema, q: pgx.Identifier{schema}.Sanitize(), regKey: regKey, gcKey: gcKey}
+}
+
+// Worker describes a worker instance.
+type Worker struct {
+	Name   string
+	Host   string
+	PID    int
+	Locker string
+}
+
+// ErrKindMismatch: live workers use another kind of locker.
+var ErrKindMismatch = errors.New("live workers use another kind of locker")
+
+// ErrNameInUse: a live worker already has the name.
+var ErrNameInUse = errors.New("a live worker already has this name")
+
+// Register adds w and returns its id. It refuses while live workers use
+// another locker kind, or while a live worker has the same name, unless
+// that worker is a crashed earlier instance of this one (same host, its
+// process gone or the same pid, as after a container restart): then that
+// instance is taken over, which means cleaned up now (its running tasks
+// fail "worker lost") rather than after its TTL. taken returns the ids of
+// taken-over instances, so their locks can be freed.
+func (s *Store) Register(ctx context.Context, w Worker, ttl time.Duration) (id int64, taken []int64, err error) {
+	err = pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock($1)", s.regKey); err != nil {
+			return err
+		}
+		rows, err := tx.Query(ctx, `SELECT id, name, host, pid, locker FROM `+s.q+`.workers
+			WHERE heartbeat_at > now() - $1::interval AND (locker <> $2 OR name = $3)`,
+			ttl.String(), w.Locker, w.Name)
+		if err != nil {
+			return err
+		}
+		type live struct {
+			id         int64
+			name, host string
+			pid        int
+			locker     string
+		}
+		var lives []live
+		for rows.Next() {
+			var l live
+			if err := rows.Scan(&l.id, &l.name, &l.host, &l.pid, &l.locker); err != nil {
+				return err
+			}
+			lives = append(lives, l)
+		}
+		if err := rows.Err(); err != nil {
+			return err
+		}
+		for _, l := range lives {
+			if l.locker != w.Locker {
+				return fmt.Errorf("%w: worker %q uses %q, this one %q", ErrKindMismatch, l.name, l.locker, w.Locker)
+			}
+		}
+		for _, l := range lives {
+			if l.host != w.Host || (l.pid != w.PID && processAlive(l.pid)) {
+				return fmt.Errorf("%w: %q (id %d, host %s, pid %d)", ErrNameInUse, l.name, l.id, l.host, l.pid)
+			}
+			taken = append(taken, l.id)
+		}
+		if len(taken) > 0 {
+			if _, err := reap(ctx, tx, s.q, taken); err != nil {
+				return err
+			}
+		}
+		return tx.QueryRow(ctx, `INSERT INTO `+s.q+`.workers (name, host, pid, locker)
+			VALUES ($1, $2, $3, $4) RETURNING id`, w.Name, w.Host, w.PID, w.Locker).Scan(&id)
+	})
+	return id, taken, err
+}
+
+// processAlive reports whether a process with pid exists on this host.
+func processAlive(pid int) bool {
+	if pid <= 0 {
+		return false
+	}
+	p, err := os.FindProcess(pid)
+	if err != nil {
+		return false
+	}
+	err = p.Signal(syscall.Signal(0))
+	return err == nil || errors.Is(err, syscall.EPERM)
+}
+
+// Beat is one heartbeat's answer.
+type Beat struct {
+	Present   bool    // false: cleanup removed this worker; reinstate it
+	Live      int64   // live workers in the fleet
+	Canceling []int64 // this worker's tasks whose cancel was requested
+}
+
+// Beat records a heartbeat for id.
+func (s *Store) Beat(ctx context.Context, id int64, ttl time.Duration) (Beat, error) {
+	var b Beat
+	err := s.pool.QueryRow(ctx, `WITH hb AS (
+			UPDATE `+s.q+`.workers SET heartbeat_at = now() WHERE id = $1 RETURNING id
+		)
+		SELECT EXISTS (SELECT 1 FROM hb),
+		       (SELECT count(*) FROM `+s.q+`.workers WHERE heartbeat_at > now() - $2::interval),
+		       coalesce((SELECT array_agg(id) FROM `+s.q+`.tasks WHERE worker_id = $1 AND state = 'canceling'), '{}')`,
+		id, ttl.String()).Scan(&b.Present, &b.Live, &b.Canceling)
+	b.Live = max(b.Live, 1)
+	return b, err
+}
+
+// Reinstate puts back the row of a worker that cleanup removed while it was
+// alive (paused). Its id stays the same; every claim has its own epoch, so
+// nothing it wrote before can be confused with what it writes after.
+func (s *Store) Reinstate(ctx context.Context, id int64, w Worker) error {
+	_, err := s.pool.Exec(ctx, `INSERT INTO `+s.q+`.workers (id, name, host, pid, locker)
+		OVERRIDING SYSTEM VALUE VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING`,
+		id, w.Name, w.Host, w.PID, w.Locker)
+	return err
+}
+
+// Retire removes a stopping worker's row.
+func (s *Store) Retire(ctx context.Context, id int64) error {
+	_, err := s.pool.Exec(ctx, `DELETE FROM `+s.q+`.workers WHERE id = $1`, id)
+	return err
+}
+
+// Reaped is what a cleanup did.
+type Reaped struct {
+	Workers  []int64 // removed worker ids
+	Failed   int     // running tasks failed "worker lost"
+	Canceled int     // canceling tasks ended canceled
+}
+
+// Cleanup removes workers missed for ttl and settles their tasks, and
+// settles running tasks whose worker row is gone. It does nothing (and
+// returns a zero Reaped) when another worker is cleaning up right now.
+func (s *Store) Cleanup(ctx context.Context, ttl time.Duration) (Reaped, error) {
+	var r Reaped
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		var won bool
+		if err := tx.QueryRow(ctx, "SELECT pg_try_advisory_xact_lock($1)", s.gcKey).Scan(&won); err != nil || !won {
+			return err
+		}
+		rows, err := tx.Query(ctx, `DELETE FROM `+s.q+`.workers WHERE heartbeat_at < now() - $1::interval RETURNING id`, ttl.String())
+		if err != nil {
+			return err
+		}
+		r.Workers, err = pgx.CollectRows(rows, pgx.RowTo[int64])
+		if err != nil {
+			return err
+		}
+		r2, err := reap(ctx, tx, s.q, nil)
+		r.Failed, r.Canceled = r2.Failed, r2.Canceled
+		return err
+	})
+	return r, err
+}
+
+// reap settles the running and canceling tasks of the given workers, or,
+// with ids nil, of every worker that has no row.
+func reap(ctx context.Context, tx pgx.Tx, q string, ids []int64) (Reaped, error) {
+	var r Reaped
+	cond := `NOT EXISTS (SELECT 1 FROM ` + q + `.workers w WHERE w.id = t.worker_id)`
+	args := []any{}
+	if ids != nil {
+		cond = `t.worker_id = ANY($1)`
+		args = append(args, ids)
+	}
+	err := tx.QueryRow(ctx, `WITH settled AS (
+			UPDATE `+q+`.tasks t
+			SET state = CASE WHEN t.state = 'canceling' THEN 'canceled' ELSE 'failed' END,
+			    error = CASE WHEN t.state = 'canceling' THEN t.error ELSE 'worker lost' END,
+			    finished_at = clock_timestamp()
+			WHERE t.state IN ('running', 'canceling') AND `+cond+`
+			RETURNING t.state
+		)
+		SELECT count(*) FILTER (WHERE state = 'failed'), count(*) FILTER (WHERE state = 'canceled') FROM settled`,
+		args...).Scan(&r.Failed, &r.Canceled)
+	return r, err
+}
