@@ -15,6 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/tasking-go/tasking"
+	"github.com/tasking-go/tasking/internal/faultenv"
 	"github.com/tasking-go/tasking/internal/testdb"
 )
 
@@ -50,7 +51,7 @@ func TestRedisLocksLost(t *testing.T) {
 	for _, tc := range []string{"flushall", "restart", "outage"} {
 		t.Run(tc, func(t *testing.T) {
 			t.Parallel()
-			srv := testdb.StartRedis(t)
+			srv := faultenv.StartRedis(t)
 			rdb := newRedis(t, srv.Addr())
 			var unreachable atomic.Int64
 			log := slog.New(countingHandler{quietLogger().Handler(), "redis unreachable", &unreachable})
@@ -75,12 +76,12 @@ func TestRedisLocksLost(t *testing.T) {
 			<-started
 			switch tc {
 			case "flushall":
-				require.NoError(t, rdb.Do(ctx, rdb.B().Flushall().Build()).Error())
-			case "restart":
-				srv.Stop()
-				srv.Start()
+				require.NoError(t, srv.FlushAll())
+			case "restart": // a crash: no goodbye to the clients, back empty
+				require.NoError(t, srv.Kill())
+				require.NoError(t, srv.Start())
 			case "outage":
-				srv.Stop()
+				require.NoError(t, srv.Kill())
 			}
 			select {
 			case cause := <-causes:
@@ -102,7 +103,7 @@ func TestRedisLocksLost(t *testing.T) {
 				got, err := c.Get(ctx, blocked.ID)
 				require.NoError(t, err)
 				require.Equal(t, tasking.StateWaiting, got.State)
-				srv.Start()
+				require.NoError(t, srv.Start())
 			}
 			// The worker resumes by itself: the same name is free again.
 			next, err := c.Dispatch(ctx, "quick", nil, tasking.Exclusive("repo:1"))
@@ -118,7 +119,7 @@ func TestRedisLocksLost(t *testing.T) {
 // sessions and clients, and across Redis losing its data.
 func TestRedisFences(t *testing.T) {
 	t.Parallel()
-	srv := testdb.StartRedis(t)
+	srv := faultenv.StartRedis(t)
 	ctx := ctxT(t, 30*time.Second)
 	ns := testdb.Name("fence")
 	var sessions []tasking.LockSession
@@ -133,8 +134,7 @@ func TestRedisFences(t *testing.T) {
 	task := int64(0)
 	for round := 0; round < 40; round++ {
 		if round == 20 {
-			rdb := newRedis(t, srv.Addr())
-			require.NoError(t, rdb.Do(ctx, rdb.B().Flushall().Build()).Error())
+			require.NoError(t, srv.FlushAll())
 		}
 		s := sessions[round%len(sessions)]
 		var reqs []tasking.LockRequest
@@ -352,9 +352,9 @@ func TestRedisResourceNames(t *testing.T) {
 // with an error naming the address.
 func TestRedisUnreachableAtOpen(t *testing.T) {
 	t.Parallel()
-	srv := testdb.StartRedis(t)
+	srv := faultenv.StartRedis(t)
 	rdb := newRedis(t, srv.Addr())
-	srv.Stop()
+	require.NoError(t, srv.Kill())
 	c := newClient(t, tasking.WithLocker(tasking.NewRedisLocker(rdb)))
 	w := tasking.NewWorker(c)
 	w.Handle("t", func(context.Context, *tasking.Task) error { return nil })
@@ -411,7 +411,7 @@ func TestRedisNotifyAfterDispatchTx(t *testing.T) {
 // scripts, renewals, releases and pub/sub wake-ups all work there.
 func TestRedisCluster(t *testing.T) {
 	t.Parallel()
-	srv := testdb.StartRedis(t, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+	srv := faultenv.StartRedis(t, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
 	ctx := ctxT(t, time.Minute)
 	admin, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{srv.Addr()}, DisableCache: true, ForceSingleClient: true})
 	require.NoError(t, err)
@@ -447,4 +447,76 @@ func TestRedisCluster(t *testing.T) {
 		require.NoError(t, err)
 		require.Equal(t, tasking.StateCompleted, done.State, done.Error)
 	}
+}
+
+// TestRedisCancel: with the Redis locker a cancel reaches the running
+// task's worker over Redis pub/sub (the workers do not LISTEN, and polling
+// is off here).
+func TestRedisCancel(t *testing.T) {
+	t.Parallel()
+	c := newClient(t, tasking.WithLocker(tasking.NewRedisLocker(newRedis(t, testdb.RedisAddr()))))
+	ctx := ctxT(t, 30*time.Second)
+	started := make(chan struct{})
+	causes := make(chan error, 1)
+	w := tasking.NewWorker(c, tasking.WithPollInterval(time.Hour))
+	w.Handle("block", func(ctx context.Context, _ *tasking.Task) error {
+		close(started)
+		<-ctx.Done()
+		causes <- context.Cause(ctx)
+		return nil
+	})
+	runWorker(t, w)
+	task, err := c.Dispatch(ctx, "block", nil, tasking.Exclusive("x"))
+	require.NoError(t, err)
+	<-started
+	require.NoError(t, c.Cancel(ctx, task.ID))
+	select {
+	case cause := <-causes:
+		require.ErrorIs(t, cause, tasking.ErrCanceled)
+	case <-time.After(5 * time.Second):
+		t.Fatal("the cancel did not reach the handler")
+	}
+	got, err := c.Wait(ctx, task.ID)
+	require.NoError(t, err)
+	require.Equal(t, tasking.StateCanceled, got.State)
+}
+
+// TestRedisCleanupFreesDeadWorkersGrants: cleanup of a dead worker frees its
+// Redis grants at once, without waiting for the leases (here they would
+// never run out: the dead worker's session still renews them, as a hung
+// process's might).
+func TestRedisCleanupFreesDeadWorkersGrants(t *testing.T) {
+	t.Parallel()
+	locker := tasking.NewRedisLocker(newRedis(t, testdb.RedisAddr()))
+	c := newClient(t, tasking.WithLocker(locker))
+	pool := testdb.Pool(t, 2)
+	ctx := ctxT(t, 30*time.Second)
+	q := pgx.Identifier{c.Schema()}.Sanitize()
+	var dead int64
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO `+q+`.workers (name, host, pid, locker, heartbeat_at)
+		VALUES ('ghost', 'elsewhere', 1, 'redis', now() - interval '1 hour') RETURNING id`).Scan(&dead))
+	held, err := c.Dispatch(ctx, "t", nil, tasking.Exclusive("x"))
+	require.NoError(t, err)
+	_, err = pool.Exec(ctx, `UPDATE `+q+`.tasks SET state = 'running', worker_id = $1, epoch = 1 WHERE id = $2`, dead, held.ID)
+	require.NoError(t, err)
+	ghost, err := locker.Open(ctx, tasking.LockSessionConfig{Worker: dead, Schema: c.Schema(), Logger: quietLogger(),
+		OnLost: func([]tasking.Owner, error) {}})
+	require.NoError(t, err)
+	defer ghost.Close(context.Background())
+	f, err := ghost.TryAcquire(ctx, []tasking.LockRequest{{Owner: tasking.Owner{Worker: dead, Task: held.ID}, Exclusive: []string{"x"}}})
+	require.NoError(t, err)
+	require.Positive(t, f[0])
+	next, err := c.Dispatch(ctx, "t", nil, tasking.Exclusive("x"))
+	require.NoError(t, err)
+
+	w := tasking.NewWorker(c, tasking.WithHeartbeatTTL(300*time.Millisecond))
+	w.Handle("t", func(context.Context, *tasking.Task) error { return nil })
+	runWorker(t, w)
+	got, err := c.Wait(ctx, held.ID)
+	require.NoError(t, err)
+	require.Equal(t, tasking.StateFailed, got.State)
+	require.Equal(t, "worker lost", got.Error)
+	got, err = c.Wait(ctx, next.ID)
+	require.NoError(t, err)
+	require.Equal(t, tasking.StateCompleted, got.State, "the task behind the dead one runs")
 }

@@ -23,6 +23,7 @@ type Redis struct {
 	dir     string
 	logPath string
 	port    int
+	args    []string // extra redis-server arguments
 
 	srv server
 }
@@ -44,15 +45,16 @@ func RedisServerPath() string {
 }
 
 // StartRedis starts redis-server on a free port of 127.0.0.1 with
-// persistence off and returns once it answers PING. It skips the test when
+// persistence off and returns once it answers PING. Extra arguments go to
+// redis-server (e.g. "--cluster-enabled", "yes"). It skips the test when
 // redis-server is missing and stops the server when the test ends.
-func StartRedis(tb testing.TB) *Redis {
+func StartRedis(tb testing.TB, args ...string) *Redis {
 	tb.Helper()
 	bin := RedisServerPath()
 	if bin == "" {
 		tb.Skip("faultenv: redis-server not found in $TASKING_REDIS_SERVER or PATH; install redis-server to run this test")
 	}
-	r := &Redis{tb: tb, bin: bin, dir: tb.TempDir()}
+	r := &Redis{tb: tb, bin: bin, dir: tb.TempDir(), args: args}
 	r.logPath = filepath.Join(r.dir, "redis.log")
 	var err error
 	if r.port, err = freePort(); err != nil {
@@ -89,7 +91,7 @@ func (r *Redis) Start() error {
 		return fmt.Errorf("faultenv: %w", err)
 	}
 	defer logf.Close()
-	cmd := exec.Command(r.bin,
+	cmd := exec.Command(r.bin, append([]string{
 		"--port", strconv.Itoa(r.port),
 		"--bind", "127.0.0.1",
 		"--save", "",
@@ -97,7 +99,7 @@ func (r *Redis) Start() error {
 		"--dir", r.dir,
 		"--protected-mode", "no",
 		"--daemonize", "no",
-	)
+	}, r.args...)...)
 	cmd.Dir = r.dir
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}

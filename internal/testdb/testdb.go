@@ -11,12 +11,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"fmt"
-	"io"
-	"net"
 	"os"
-	"os/exec"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -101,83 +96,4 @@ func sanitize(s string) string {
 		}
 	}
 	return b.String()
-}
-
-// RedisServer is a throwaway redis-server child process for tests that
-// flush, stop or restart Redis, which they must never do to the shared one.
-// It keeps nothing on disk, so a restart comes back empty.
-type RedisServer struct {
-	tb      testing.TB
-	dir     string
-	port    int
-	args    []string
-	cmd     *exec.Cmd
-	stopped bool
-}
-
-// StartRedis starts a redis-server on a free loopback port with the extra
-// arguments given (e.g. "--cluster-enabled", "yes") and stops it when the
-// test ends.
-func StartRedis(tb testing.TB, args ...string) *RedisServer {
-	tb.Helper()
-	if _, err := exec.LookPath("redis-server"); err != nil {
-		tb.Fatalf("testdb: redis-server not on PATH: %v", err)
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		tb.Fatalf("testdb: find a free port: %v", err)
-	}
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
-	s := &RedisServer{tb: tb, dir: tb.TempDir(), port: port, args: args}
-	s.Start()
-	tb.Cleanup(s.Stop)
-	return s
-}
-
-// Addr returns the server's host:port.
-func (s *RedisServer) Addr() string { return fmt.Sprintf("127.0.0.1:%d", s.port) }
-
-// Start starts the server (again, after Stop) and waits until it answers.
-func (s *RedisServer) Start() {
-	s.tb.Helper()
-	args := append([]string{"--port", strconv.Itoa(s.port), "--bind", "127.0.0.1",
-		"--save", "", "--appendonly", "no", "--dir", s.dir}, s.args...)
-	s.cmd = exec.Command("redis-server", args...)
-	s.cmd.Dir = s.dir
-	if err := s.cmd.Start(); err != nil {
-		s.tb.Fatalf("testdb: start redis-server: %v", err)
-	}
-	s.stopped = false
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		c, err := net.DialTimeout("tcp", s.Addr(), time.Second)
-		if err == nil {
-			_, err = c.Write([]byte("PING\r\n"))
-			buf := make([]byte, 7)
-			if err == nil {
-				_ = c.SetReadDeadline(time.Now().Add(time.Second))
-				_, err = io.ReadFull(c, buf)
-			}
-			c.Close()
-			if err == nil && string(buf) == "+PONG\r\n" {
-				return
-			}
-		}
-		if time.Now().After(deadline) {
-			s.tb.Fatalf("testdb: redis-server on %s did not come up: %v", s.Addr(), err)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-// Stop kills the server at once (SIGKILL: no goodbye to its clients) and
-// waits for it to exit. Its data is gone.
-func (s *RedisServer) Stop() {
-	if s.stopped || s.cmd == nil {
-		return
-	}
-	s.stopped = true
-	_ = s.cmd.Process.Kill()
-	_ = s.cmd.Wait()
 }
