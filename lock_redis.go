@@ -29,8 +29,9 @@ func WithRedisNamespace(ns string) RedisLockerOption {
 }
 
 // WithRedisLease sets how long a grant lives in Redis without renewal. A
-// worker that cannot renew for this long (Redis unreachable, process
-// paused) loses its grants and cancels their tasks. Default: 30s.
+// worker that has not renewed for the lease less a tenth (Redis
+// unreachable, process paused) gives its grants up and cancels their tasks,
+// before another worker can be granted the names. Default: 30s.
 func WithRedisLease(d time.Duration) RedisLockerOption {
 	return func(l *redisLocker) { l.lease = d }
 }
@@ -72,7 +73,7 @@ func WithRedisRenewInterval(d time.Duration) RedisLockerOption {
 // [Client.Notify] after the commit.
 //
 // rdb stays the caller's: close it after the workers and clients using it
-// have stopped. The client should not use client-side caching.
+// have stopped.
 func NewRedisLocker(rdb rueidis.Client, opts ...RedisLockerOption) ResourceLocker {
 	l := &redisLocker{rdb: rdb, lease: 30 * time.Second}
 	for _, o := range opts {
