@@ -126,7 +126,8 @@ func TestRedisLeaseCheckAfterPause(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	resume := make(chan struct{})
-	l := NewRedisLocker(testRedis(t), WithRedisNamespace(testdb.Name("pause")), WithRedisLease(200*time.Millisecond)).(*redisLocker)
+	const lease = 500 * time.Millisecond // room for a loaded machine before the fresh check
+	l := NewRedisLocker(testRedis(t), WithRedisNamespace(testdb.Name("pause")), WithRedisLease(lease)).(*redisLocker)
 	l.beforeRenew = func() { <-resume }
 	lost := newLostRecord()
 	s, err := l.Open(ctx, LockSessionConfig{Worker: 1, OnLost: lost.onLost})
@@ -144,7 +145,7 @@ func TestRedisLeaseCheckAfterPause(t *testing.T) {
 		t.Fatal("a fresh grant was reported lost")
 	default:
 	}
-	time.Sleep(200 * time.Millisecond) // the lease, with renewal paused
+	time.Sleep(lease) // with renewal paused
 	lc.checkLease(o)
 	select {
 	case <-lost.ch:

@@ -379,9 +379,14 @@ func TestRedisNotifyAfterDispatchTx(t *testing.T) {
 	w.Handle("t", func(context.Context, *tasking.Task) error { ran <- struct{}{}; return nil })
 	runWorker(t, w)
 	// A plain Dispatch publishes a wake-up.
-	_, err := c.Dispatch(ctx, "t", nil)
+	first, err := c.Dispatch(ctx, "t", nil)
 	require.NoError(t, err)
 	<-ran
+	_, err = c.Wait(ctx, first.ID)
+	require.NoError(t, err)
+	// The slot freed by the first task starts one more admission cycle;
+	// nothing signals when it is over, so give it time to run out.
+	time.Sleep(100 * time.Millisecond)
 
 	pool := testdb.Pool(t, 2)
 	var id int64
