@@ -31,10 +31,11 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local nowus = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local lease = tonumber(ARGV[1])
-local out = {}
-local k, a, any = 3, 2, false
+local fence = tonumber(redis.call('GET', KEYS[1]) or '0')
+local out, reg = {}, {}
+local k, a = 3, 2
 while a <= #ARGV do
-  local owner, nx, ns, reg = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), ARGV[a + 3]
+  local owner, nx, ns, regval = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), ARGV[a + 3]
   a = a + 4
   local ok = true
   for i = 0, nx + ns - 1 do
@@ -63,18 +64,21 @@ while a <= #ARGV do
         end
       end
     end
-    redis.call('HSET', KEYS[2], owner, reg)
-    local f = math.max(tonumber(redis.call('GET', KEYS[1]) or '0') + 1, nowus)
-    redis.call('SET', KEYS[1], string.format('%.0f', f), 'PX', 86400000)
-    out[#out + 1] = f
-    any = true
+    reg[#reg + 1] = owner
+    reg[#reg + 1] = regval
+    fence = math.max(fence + 1, nowus)
+    out[#out + 1] = fence
   else
     out[#out + 1] = 0
   end
   k = k + 2 * (nx + ns)
 end
-if any then
+if #reg > 0 then
+  for i = 1, #reg, 512 do
+    redis.call('HSET', KEYS[2], unpack(reg, i, math.min(i + 511, #reg)))
+  end
   redis.call('PEXPIRE', KEYS[2], lease)
+  redis.call('SET', KEYS[1], string.format('%.0f', fence), 'PX', 86400000)
 end
 return out
 `)
