@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"sync"
 	"time"
 
@@ -57,6 +58,9 @@ func (l *pgLocker) Kind() string { return "postgres" }
 func (l *pgLocker) Open(ctx context.Context, cfg LockSessionConfig) (LockSession, error) {
 	if cfg.Pool == nil {
 		return nil, errors.New("tasking: postgres locker needs the client's pool")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
 	}
 	s := &pgSession{
 		cfg:   cfg,

@@ -51,6 +51,7 @@ type config struct {
 	poll      time.Duration
 	grace     time.Duration
 	lockCheck time.Duration
+	startTO   time.Duration
 	events    string
 	migrate   bool
 	logLevel  string
@@ -69,6 +70,7 @@ func parseFlags(args []string) (config, error) {
 	fs.DurationVar(&c.poll, "poll", 200*time.Millisecond, "fallback poll interval")
 	fs.DurationVar(&c.grace, "grace", 2*time.Second, "shutdown grace")
 	fs.DurationVar(&c.lockCheck, "lock-check", 200*time.Millisecond, "PostgreSQL locker: lock connection check interval")
+	fs.DurationVar(&c.startTO, "start-timeout", 10*time.Second, "keep retrying a start that fails before the worker registered for this long")
 	fs.StringVar(&c.events, "events", "", "events file (required)")
 	fs.BoolVar(&c.migrate, "migrate", false, "migrate the schema before starting")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
@@ -149,14 +151,7 @@ func run(cfg config) error {
 		}
 	}
 
-	w := tasking.NewWorker(client,
-		tasking.WithSlots(cfg.slots),
-		tasking.WithWorkerName(cfg.name),
-		tasking.WithHeartbeatTTL(cfg.ttl),
-		tasking.WithPollInterval(cfg.poll),
-		tasking.WithShutdownGrace(cfg.grace),
-	)
-	w.Handle("t", func(ctx context.Context, t *tasking.Task) error {
+	handler := func(ctx context.Context, t *tasking.Task) error {
 		var args struct {
 			MS int `json:"ms"`
 		}
@@ -181,34 +176,58 @@ func run(cfg config) error {
 			return context.Cause(ctx)
 		}
 		return nil
-	})
+	}
 
-	runDone := make(chan error, 1)
-	go func() { runDone <- w.Run(ctx) }()
-	if err := announce(ctx, w, ev, runDone); err != nil {
-		return err
+	// A start that fails before the worker registered (the database not up
+	// yet, the name still held by a live instance) is retried for a while,
+	// as a service manager would restart the process.
+	deadline := time.Now().Add(cfg.startTO)
+	for {
+		w := tasking.NewWorker(client,
+			tasking.WithSlots(cfg.slots),
+			tasking.WithWorkerName(cfg.name),
+			tasking.WithHeartbeatTTL(cfg.ttl),
+			tasking.WithPollInterval(cfg.poll),
+			tasking.WithShutdownGrace(cfg.grace),
+		)
+		w.Handle("t", handler)
+		runDone := make(chan error, 1)
+		go func() { runDone <- w.Run(ctx) }()
+		registered, err := announce(ctx, w, ev, runDone)
+		if err != nil {
+			return err
+		}
+		err = <-runDone
+		switch {
+		case err == nil:
+			return nil
+		case registered || ctx.Err() != nil || time.Now().After(deadline):
+			return fmt.Errorf("worker: %w", err)
+		}
+		log.Warn("faultworker: worker did not start; retrying", "err", err)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(100 * time.Millisecond):
+		}
 	}
-	if err := <-runDone; err != nil {
-		return fmt.Errorf("worker: %w", err)
-	}
-	return nil
 }
 
 // announce writes the ready line once the worker has registered (its id is
-// known), or returns Run's error if Run ends first.
-func announce(ctx context.Context, w *tasking.Worker, ev *events, runDone chan error) error {
+// known) and reports true, or reports false if Run ends first.
+func announce(ctx context.Context, w *tasking.Worker, ev *events, runDone chan error) (bool, error) {
 	tick := time.NewTicker(2 * time.Millisecond)
 	defer tick.Stop()
 	for {
 		if id := w.ID(); id != 0 {
-			return ev.line("ready %d %d %d", id, os.Getpid(), time.Now().UnixNano())
+			return true, ev.line("ready %d %d %d", id, os.Getpid(), time.Now().UnixNano())
 		}
 		select {
 		case err := <-runDone:
-			runDone <- err // for run to read
-			return nil
+			runDone <- err // for the caller to read
+			return false, nil
 		case <-ctx.Done():
-			return nil
+			return false, nil
 		case <-tick.C:
 		}
 	}
