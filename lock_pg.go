@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // PostgresLockerOption configures [NewPostgresLocker].
@@ -51,6 +53,7 @@ var _ ResourceLocker = (*pgLocker)(nil)
 
 type pgLocker struct {
 	check time.Duration
+	pool  atomic.Pointer[pgxpool.Pool] // from the last Open, for freeWorkers
 }
 
 func (l *pgLocker) Kind() string { return "postgres" }
@@ -62,6 +65,7 @@ func (l *pgLocker) Open(ctx context.Context, cfg LockSessionConfig) (LockSession
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
+	l.pool.Store(cfg.Pool)
 	s := &pgSession{
 		cfg:   cfg,
 		q:     newQueries(cfg.Schema),
@@ -78,6 +82,33 @@ func (l *pgLocker) Open(ctx context.Context, cfg LockSessionConfig) (LockSession
 	s.wg.Add(1)
 	go s.watch(l.check)
 	return s, nil
+}
+
+// lockAppName names a worker's lock connection in pg_stat_activity:
+// "tasking lock <worker id> <schema hash>". Worker ids are unique only within
+// a schema, and application_name is cut at 63 bytes, hence the short hash.
+func lockAppName(schema string, worker int64) string {
+	return fmt.Sprintf("tasking lock %d %016x", worker, uint64(hashKey("tasking/app", schema, "")))
+}
+
+// freeWorkers ends the lock connections of dead worker instances, so the
+// server drops their locks now. A worker that crashed has lost its
+// connection already; this matters for one that is paused or cut off by a
+// partition, whose connection would otherwise hold its locks until TCP
+// gives up. If it comes back, its lock check finds the connection gone and
+// cancels its handlers ("lock lost"); cleanup has already failed its tasks.
+func (l *pgLocker) freeWorkers(ctx context.Context, schema string, workers []int64) error {
+	names := make([]string, len(workers))
+	for i, w := range workers {
+		names[i] = lockAppName(schema, w)
+	}
+	pool := l.pool.Load()
+	if pool == nil {
+		return nil
+	}
+	_, err := pool.Exec(ctx, `SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
+		WHERE application_name = ANY($1) AND pid <> pg_backend_pid()`, names)
+	return err
 }
 
 type pgHeld struct {
@@ -104,7 +135,7 @@ type pgSession struct {
 func (s *pgSession) connect(ctx context.Context) error {
 	cc := s.cfg.Pool.Config().ConnConfig.Copy()
 	// Named so operators (and tests) can tell a worker's lock session apart.
-	cc.RuntimeParams["application_name"] = fmt.Sprintf("tasking lock %d", s.cfg.Worker)
+	cc.RuntimeParams["application_name"] = lockAppName(s.cfg.Schema, s.cfg.Worker)
 	conn, err := pgx.ConnectConfig(ctx, cc)
 	if err != nil {
 		return fmt.Errorf("tasking: open lock connection: %w", err)

@@ -28,11 +28,13 @@ type querier interface {
 type queries struct {
 	dispatch     string
 	cancel       string
+	cancelNotify string
 	get          string
 	list         string
 	finals       string
+	scan         string
 	window       string
-	holding      string
+	unclaim      string
 	claim        string
 	finish       string
 	lock         string
@@ -49,16 +51,22 @@ func newQueries(schema string) queries {
 	return queries{
 		dispatch: `SELECT id, created_at FROM ` + s + `.dispatch($1, $2, $3, $4, $5, $6, $7, $8)`,
 		// Waiting: canceled at once. Running: canceling, and its worker is
-		// told ($2, the wake channel, when workers LISTEN).
-		cancel: `WITH u AS (
+		// told: cancelNotify NOTIFYs in the same statement for workers that
+		// LISTEN; with other buses the client signals after it.
+		cancel: `UPDATE ` + s + `.tasks
+			SET state = CASE state WHEN 'waiting' THEN 'canceled' ELSE 'canceling' END,
+			    finished_at = CASE state WHEN 'waiting' THEN clock_timestamp() END
+			WHERE id = $1 AND state IN ('waiting', 'running')
+			RETURNING state`,
+		cancelNotify: `WITH u AS (
 				UPDATE ` + s + `.tasks
 				SET state = CASE state WHEN 'waiting' THEN 'canceled' ELSE 'canceling' END,
 				    finished_at = CASE state WHEN 'waiting' THEN clock_timestamp() END
 				WHERE id = $1 AND state IN ('waiting', 'running')
 				RETURNING id, state
 			)
-			SELECT u.state, (SELECT count(*) FROM (SELECT pg_notify($2, 'c' || u.id)
-				WHERE u.state = 'canceling' AND $2 <> '') n) FROM u`,
+			SELECT u.state FROM u, LATERAL (SELECT pg_notify($2, 'c' || u.id)
+				WHERE u.state = 'canceling') n`,
 		get: `SELECT ` + taskCols + ` FROM ` + s + `.tasks WHERE id = $1`,
 		list: `SELECT ` + taskCols + ` FROM ` + s + `.tasks
 			WHERE id > $1 AND ($2 = '' OR state = $2) AND ($3 = '' OR name = $3)
@@ -69,8 +77,21 @@ func newQueries(schema string) queries {
 		window: `SELECT id, name, exclusive, shared FROM ` + s + `.tasks
 			WHERE state = 'waiting' AND (exclusive <> '{}' OR shared <> '{}') AND id > $1
 			ORDER BY id LIMIT $2`,
-		holding: `SELECT exclusive, shared FROM ` + s + `.tasks
-			WHERE state IN ('running', 'canceling') AND (exclusive <> '{}' OR shared <> '{}')`,
+		// The first page of a scan reads the running tasks that hold
+		// resources (their names start out taken) and the oldest waiting
+		// tasks that name resources, in one statement and so one snapshot:
+		// a task claimed in between cannot slip through both reads.
+		scan: `SELECT true, id, name, exclusive, shared FROM ` + s + `.tasks
+			WHERE state IN ('running', 'canceling') AND (exclusive <> '{}' OR shared <> '{}')
+			UNION ALL
+			(SELECT false, id, name, exclusive, shared FROM ` + s + `.tasks
+			WHERE state = 'waiting' AND (exclusive <> '{}' OR shared <> '{}')
+			ORDER BY id LIMIT $1)`,
+		// Puts back tasks this worker claimed but never started (the claim's
+		// reply was lost), guarded by owner and epoch.
+		unclaim: `UPDATE ` + s + `.tasks t SET state = 'waiting', worker_id = NULL, started_at = NULL
+			FROM unnest($2::bigint[], $3::int[]) AS v(id, epoch)
+			WHERE t.id = v.id AND t.epoch = v.epoch AND t.worker_id = $1 AND t.state = 'running'`,
 		// One claim moves the granted tasks ($2) and up to $4 tasks without
 		// resources, oldest first, that this worker handles ($3). Tasks
 		// without resources conflict with nothing, so any worker may take any
@@ -256,23 +277,6 @@ func (c *Client) readWindow(ctx context.Context, after int64, limit int, out []a
 		out = append(out, e)
 	}
 	return out, rows.Err()
-}
-
-// readHolding adds the names of running tasks that hold resources to taken.
-func (c *Client) readHolding(ctx context.Context, taken *admit.Taken) error {
-	rows, err := c.pool.Query(ctx, c.q.holding)
-	if err != nil {
-		return err
-	}
-	defer rows.Close()
-	var excl, shared []string
-	for rows.Next() {
-		if err := rows.Scan(&excl, &shared); err != nil {
-			return err
-		}
-		taken.Add(excl, shared)
-	}
-	return rows.Err()
 }
 
 // claimed is one task a claim moved to running.

@@ -31,13 +31,16 @@ type run struct {
 	base      context.Context
 	cancelAll context.CancelCauseFunc
 
-	mu       sync.Mutex
-	active   map[int64]*activeTask
-	canceled map[int64]time.Time // cancels that arrived before their task started here
+	mu        sync.Mutex
+	active    map[int64]*activeTask
+	finishing map[int64]struct{}  // handler returned, final state not yet written
+	canceled  map[int64]time.Time // cancels that arrived before their task started here
+	orphans   map[int64]int32     // running here per the database, but unknown (epoch+1)
 
-	sendMu  sync.RWMutex // guards closed and sends on results
-	closed  bool         // results no longer accepted
-	results chan outcome
+	sendMu   sync.RWMutex // guards closed and sends on results
+	closed   bool         // results no longer accepted
+	draining atomic.Bool  // shutting down: the finisher writes what is left
+	results  chan outcome
 
 	wake     chan struct{}
 	live     atomic.Int64 // live workers in the fleet, from the last heartbeat
@@ -72,6 +75,7 @@ func newRun(w *Worker, handlers map[string]handler) *run {
 		base:      base,
 		cancelAll: cancelAll,
 		active:    make(map[int64]*activeTask),
+		finishing: make(map[int64]struct{}),
 		canceled:  make(map[int64]time.Time),
 		results:   make(chan outcome, 4*w.cfg.slots),
 		wake:      make(chan struct{}, 1),
@@ -133,6 +137,7 @@ func (r *run) serve(ctx context.Context, grace func() context.Context) {
 	}
 	r.sendMu.Lock()
 	r.closed = true
+	r.draining.Store(true)
 	close(r.results)
 	r.sendMu.Unlock()
 	<-r.finished
@@ -185,9 +190,7 @@ func (r *run) beat(ctx context.Context) {
 		return
 	}
 	r.live.Store(b.Live)
-	for _, id := range b.Canceling { // a cancel whose signal was lost
-		r.cancelTask(id)
-	}
+	r.sweep(ctx, b.Owned)
 	if !b.Present {
 		// Cleanup declared this worker gone (it was paused for longer than
 		// the TTL): its running tasks are already failed. Stop their
@@ -202,6 +205,62 @@ func (r *run) beat(ctx context.Context) {
 			r.log.Warn("tasking: rejoin the fleet", "err", err)
 		}
 	}
+}
+
+// sweep reconciles what the database says this worker runs with what it
+// does run. A canceling task is canceled here (its signal may have been
+// lost). A running task this worker has no handler for and is not finishing
+// was claimed by a claim whose reply never arrived: its handler never ran,
+// so once it has been seen so on two heartbeats in a row (a claim in flight
+// takes milliseconds, a heartbeat period is seconds) it is put back to
+// waiting, guarded by owner and epoch.
+func (r *run) sweep(ctx context.Context, owned []fleet.OwnedTask) {
+	var back []fleet.OwnedTask
+	r.mu.Lock()
+	prev := r.orphans
+	r.orphans = make(map[int64]int32)
+	for _, t := range owned {
+		_, running := r.active[t.ID]
+		_, finishing := r.finishing[t.ID]
+		switch {
+		case running && t.Canceling:
+			r.active[t.ID].cancel(ErrCanceled)
+		case running || finishing:
+		case prev[t.ID] == t.Epoch+1: // stored +1 so that the zero value means unseen
+			back = append(back, t)
+		default:
+			r.orphans[t.ID] = t.Epoch + 1
+		}
+	}
+	r.mu.Unlock()
+	if len(back) == 0 {
+		return
+	}
+	ids, epochs := make([]int64, len(back)), make([]int32, len(back))
+	for i, t := range back {
+		ids[i], epochs[i] = t.ID, t.Epoch
+	}
+	// A canceling orphan never ran either; the finish statement ends it
+	// canceled. A running one goes back in line.
+	tag, err := r.c.pool.Exec(ctx, r.c.q.unclaim, r.id, ids, epochs)
+	if err != nil {
+		r.log.Warn("tasking: put back tasks whose claim was lost", "err", err)
+		return
+	}
+	var canceled []outcome
+	for _, t := range back {
+		if t.Canceling {
+			canceled = append(canceled, outcome{task: &Task{ID: t.ID, Epoch: int(t.Epoch)}, state: StateCanceled, err: ErrCanceled.Error()})
+		}
+	}
+	if len(canceled) > 0 {
+		if _, err := r.c.finish(ctx, r.id, canceled); err != nil {
+			r.log.Warn("tasking: cancel tasks whose claim was lost", "err", err)
+		}
+	}
+	r.log.Warn("tasking: settled tasks claimed by a claim whose reply was lost",
+		"put_back", tag.RowsAffected(), "canceled", len(canceled))
+	r.signal()
 }
 
 func (r *run) cleanup(ctx context.Context) {

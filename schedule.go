@@ -7,9 +7,8 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"runtime/debug"
+	"slices"
 	"time"
-
-	"github.com/jackc/pgx/v5"
 
 	"github.com/tasking-go/tasking/internal/admit"
 )
@@ -21,6 +20,7 @@ const (
 	windowMargin = 16
 	maxPage      = 4096
 	finishBatch  = 512
+	drainGiveUp  = 30 * time.Second
 	retryLimit   = 4
 )
 
@@ -158,9 +158,8 @@ func (r *run) cycle(ctx context.Context, free int) (progress, more bool, err err
 
 // recoverClaim handles a claim that failed, perhaps after committing (the
 // connection broke mid-statement): it releases the grants. A task the claim
-// did move to running then stays owned by this worker without a handler; no
-// other worker can claim it (it is no longer waiting), and cleanup of
-// running tasks settles it.
+// did move to running is then owned by this worker without a handler; no
+// other worker can claim it, and the heartbeat's sweep puts it back in line.
 func (r *run) recoverClaim(ctx context.Context, ids []int64, cause error) error {
 	if len(ids) > 0 {
 		owners := make([]Owner, len(ids))
@@ -183,17 +182,7 @@ func (r *run) scan(ctx context.Context, free int) ([]admit.Entry, error) {
 	r.cands = r.cands[:0]
 	page := min(2*free+windowMargin, maxPage)
 
-	b := &pgx.Batch{}
-	b.Queue(r.c.q.holding)
-	b.Queue(r.c.q.window, int64(0), page)
-	res := r.c.pool.SendBatch(ctx, b)
-	err := readHoldingRows(res, r.taken)
-	if err == nil {
-		r.entries, err = readWindowRows(res, r.entries[:0])
-	}
-	if cerr := res.Close(); err == nil {
-		err = cerr
-	}
+	err := r.readFirstPage(ctx, page)
 	want := 2 * free
 	for err == nil {
 		r.cands, _ = admit.Walk(r.entries, r.taken, r.handles, want, r.cands)
@@ -221,36 +210,30 @@ func spread(cands []admit.Entry, n int) []admit.Entry {
 	return cands[:n]
 }
 
-func readHoldingRows(res pgx.BatchResults, taken *admit.Taken) error {
-	rows, err := res.Query()
+// readFirstPage adds the names of running tasks to the taken sets and reads
+// the first page of waiting tasks into r.entries, from one snapshot.
+func (r *run) readFirstPage(ctx context.Context, page int) error {
+	rows, err := r.c.pool.Query(ctx, r.c.q.scan, page)
 	if err != nil {
 		return err
 	}
 	defer rows.Close()
-	var excl, shared []string
+	r.entries = r.entries[:0]
 	for rows.Next() {
-		if err := rows.Scan(&excl, &shared); err != nil {
+		var running bool
+		var e admit.Entry
+		if err := rows.Scan(&running, &e.ID, &e.Name, &e.Exclusive, &e.Shared); err != nil {
 			return err
 		}
-		taken.Add(excl, shared)
-	}
-	return rows.Err()
-}
-
-func readWindowRows(res pgx.BatchResults, out []admit.Entry) ([]admit.Entry, error) {
-	rows, err := res.Query()
-	if err != nil {
-		return out, err
-	}
-	defer rows.Close()
-	for rows.Next() {
-		var e admit.Entry
-		if err := rows.Scan(&e.ID, &e.Name, &e.Exclusive, &e.Shared); err != nil {
-			return out, err
+		if running {
+			r.taken.Add(e.Exclusive, e.Shared)
+		} else {
+			r.entries = append(r.entries, e)
 		}
-		out = append(out, e)
 	}
-	return out, rows.Err()
+	// UNION ALL does not promise to keep the branch's order.
+	slices.SortFunc(r.entries, func(a, b admit.Entry) int { return cmp.Compare(a.ID, b.ID) })
+	return rows.Err()
 }
 
 // releaseOwners releases the grants of requests whose acquire failed.
@@ -294,6 +277,7 @@ func (r *run) start(t *Task) {
 		r.mu.Lock()
 		a.cancel(nil)
 		delete(r.active, t.ID)
+		r.finishing[t.ID] = struct{}{}
 		o := outcome{task: t, state: StateCompleted, owner: a.names}
 		switch {
 		case a.lost:
@@ -369,7 +353,8 @@ func (r *run) finisher() {
 func (r *run) finishBatch(batch []outcome) {
 	backoff := 50 * time.Millisecond
 	var done map[int64]bool
-	for attempt := 0; ; attempt++ {
+	var failingSince time.Time
+	for {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		var err error
 		done, err = r.c.finish(ctx, r.id, batch)
@@ -377,18 +362,27 @@ func (r *run) finishBatch(batch []outcome) {
 		if err == nil {
 			break
 		}
-		if attempt == 0 {
+		if failingSince.IsZero() {
+			failingSince = time.Now()
 			r.log.Error("tasking: writing final states failed; retrying", "tasks", len(batch), "err", err)
 		}
-		if attempt >= 20 {
-			// Keep the locks: the tasks are still running in the database,
-			// and cleanup of this worker will settle them.
-			r.log.Error("tasking: giving up on final states; tasks stay running until cleanup", "tasks", len(batch), "err", err)
+		// While the worker runs, keep trying: the tasks are running in the
+		// database and their locks must stay held until the state is
+		// written. Once it is stopping, give up after a while: cleanup of
+		// this worker settles them ("worker lost").
+		if r.draining.Load() && time.Since(failingSince) > drainGiveUp {
+			r.log.Error("tasking: giving up on final states at shutdown; cleanup will settle the tasks",
+				"tasks", len(batch), "err", err)
 			return
 		}
 		time.Sleep(jitter(backoff))
 		backoff = min(backoff*2, 5*time.Second)
 	}
+	r.mu.Lock()
+	for _, o := range batch {
+		delete(r.finishing, o.task.ID)
+	}
+	r.mu.Unlock()
 	var owners []Owner
 	for _, o := range batch {
 		if !done[o.task.ID] {

@@ -383,8 +383,12 @@ func (c *Client) Cancel(ctx context.Context, id int64) error {
 		return err
 	}
 	var state string
-	var notified int64
-	err := c.pool.QueryRow(ctx, c.q.cancel, id, c.bus.dispatchChannel()).Scan(&state, &notified)
+	var err error
+	if ch := c.bus.dispatchChannel(); ch != "" {
+		err = c.pool.QueryRow(ctx, c.q.cancelNotify, id, ch).Scan(&state)
+	} else {
+		err = c.pool.QueryRow(ctx, c.q.cancel, id).Scan(&state)
+	}
 	switch {
 	case errors.Is(err, pgx.ErrNoRows):
 		t, err := c.get(ctx, id)

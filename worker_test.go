@@ -143,7 +143,7 @@ func TestPostgresLockLost(t *testing.T) {
 	// Kill the worker's lock connection, which holds the task's lock.
 	var killed bool
 	err = pool.QueryRow(ctx, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-		WHERE application_name = $1`, fmt.Sprintf("tasking lock %d", w.ID())).Scan(&killed)
+		WHERE application_name LIKE $1`, fmt.Sprintf("tasking lock %d %%", w.ID())).Scan(&killed)
 	require.NoError(t, err)
 	require.True(t, killed)
 

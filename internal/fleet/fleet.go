@@ -126,23 +126,42 @@ func processAlive(pid int) bool {
 
 // Beat is one heartbeat's answer.
 type Beat struct {
-	Present   bool    // false: cleanup removed this worker; reinstate it
-	Live      int64   // live workers in the fleet
-	Canceling []int64 // this worker's tasks whose cancel was requested
+	Present bool        // false: cleanup removed this worker; reinstate it
+	Live    int64       // live workers in the fleet
+	Owned   []OwnedTask // this worker's running and canceling tasks
+}
+
+// OwnedTask is a task the database says a worker runs.
+type OwnedTask struct {
+	ID        int64
+	Epoch     int32
+	Canceling bool // its cancel was requested
 }
 
 // Beat records a heartbeat for id.
 func (s *Store) Beat(ctx context.Context, id int64, ttl time.Duration) (Beat, error) {
 	var b Beat
-	err := s.pool.QueryRow(ctx, `WITH hb AS (
+	row := s.pool.QueryRow(ctx, `WITH hb AS (
 			UPDATE `+s.q+`.workers SET heartbeat_at = now() WHERE id = $1 RETURNING id
 		)
 		SELECT EXISTS (SELECT 1 FROM hb),
 		       (SELECT count(*) FROM `+s.q+`.workers WHERE heartbeat_at > now() - $2::interval),
-		       coalesce((SELECT array_agg(id) FROM `+s.q+`.tasks WHERE worker_id = $1 AND state = 'canceling'), '{}')`,
-		id, ttl.String()).Scan(&b.Present, &b.Live, &b.Canceling)
+		       coalesce(array_agg(t.id), '{}'), coalesce(array_agg(t.epoch), '{}'),
+		       coalesce(array_agg(t.state = 'canceling'), '{}')
+		FROM (SELECT id, epoch, state FROM `+s.q+`.tasks
+		      WHERE worker_id = $1 AND state IN ('running', 'canceling')) t`,
+		id, ttl.String())
+	var ids []int64
+	var epochs []int32
+	var canceling []bool
+	if err := row.Scan(&b.Present, &b.Live, &ids, &epochs, &canceling); err != nil {
+		return b, err
+	}
+	for i := range ids {
+		b.Owned = append(b.Owned, OwnedTask{ID: ids[i], Epoch: epochs[i], Canceling: canceling[i]})
+	}
 	b.Live = max(b.Live, 1)
-	return b, err
+	return b, nil
 }
 
 // Reinstate puts back the row of a worker that cleanup removed while it was
