@@ -22,6 +22,7 @@ const (
 	finishBatch  = 512
 	drainGiveUp  = 30 * time.Second
 	retryLimit   = 4
+	cycleTimeout = 30 * time.Second
 )
 
 // schedule is the scheduler loop: one admission cycle per wake-up or poll
@@ -54,7 +55,12 @@ func (r *run) schedule(ctx context.Context) {
 			retries = 0
 			continue // a finishing handler signals
 		}
-		progress, more, err := r.cycle(ctx, free)
+		// A cycle runs to its end even when shutdown begins meanwhile: a
+		// statement cut off mid-flight would close the lock connection (and
+		// lose every grant on it) or leave a claim's outcome unknown.
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cycleTimeout)
+		progress, more, err := r.cycle(cctx, free)
+		cancel()
 		switch {
 		case err != nil && ctx.Err() != nil:
 			return
