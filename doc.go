@@ -77,10 +77,33 @@
 // to start while live workers use another ([ErrLockerMismatch]).
 // [NewMemoryLocker] suits tests and single-process services.
 //
+// # Cancel, time out
+//
+// [Client.Cancel] cancels a waiting task at once. A running task becomes
+// canceling: its worker is told within milliseconds and cancels the
+// handler's context with cause [ErrCanceled]; the task ends canceled. A
+// deadline per task ([Timeout]) or per handler ([HandlerTimeout]) cancels the
+// context with cause [ErrTimeout] and fails the task with "timeout".
+// Handlers should return promptly once their context is done;
+// context.Cause(ctx) tells why.
+//
+// # Failures
+//
+// Workers send heartbeats; a worker missed for a TTL ([WithHeartbeatTTL]) is
+// declared gone by whichever live worker runs the cleanup first: its
+// running tasks fail with "worker lost" and its locks are freed. A worker
+// that was only paused and comes back finds its handlers canceled (cause
+// [ErrWorkerLost]). A worker that loses its locks (the lock connection died,
+// a Redis lease ran out) cancels the affected handlers (cause [ErrLockLost])
+// and fails their tasks with "lock lost". In both cases another task may
+// already hold the resources when the old handler notices: the fencing token
+// ([Task.Fence]) lets side effects refuse a stale holder.
+//
 // # Shut down
 //
-// Cancel the context given to Run. The worker stops admitting, lets running
-// handlers finish for the grace period, then cancels their contexts with
-// cause [ErrShutdown]; those tasks end failed with a reason saying so. Final
-// states are written before locks are released.
+// Cancel the context given to Run, or call [Worker.Stop] with a deadline.
+// The worker stops admitting, lets running handlers finish for the grace
+// period, then cancels their contexts with cause [ErrShutdown]; those tasks
+// end failed with a reason saying so. Final states are written before locks
+// are released.
 package tasking
