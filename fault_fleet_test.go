@@ -6,6 +6,7 @@ package tasking_test
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -67,11 +68,12 @@ type faultProc struct {
 
 // handlerRun is one handler run as the events file tells it.
 type handlerRun struct {
-	proc  *faultProc
-	task  int64
-	fence int64
-	start int64
-	end   int64 // 0: no end line (the process died first)
+	proc     *faultProc
+	task     int64
+	fence    int64
+	start    int64
+	canceled int64 // when the handler saw its context canceled by a cancel; 0: it did not
+	end      int64 // 0: no end line (the process died first)
 }
 
 // faultRun is one scenario in progress.
@@ -83,16 +85,28 @@ type faultRun struct {
 	bin    string
 	dir    string
 	pg     *faultenv.Postgres
+	redis  *faultenv.Redis // with the Redis locker
 	pool   *pgxpool.Pool
 	client *tasking.Client
 	schema string
+
+	// onWave, when set (by the scenario's setup), is called by the
+	// dispatcher with the tasks of every wave as soon as it is stored.
+	onWave func(tasks []*tasking.Task)
+	// quit is closed once the fleet has drained; goroutines the scenario
+	// started end then, and bg waits for them.
+	quit chan struct{}
+	bg   sync.WaitGroup
 
 	mu         sync.Mutex
 	procs      []*faultProc // every process ever started
 	live       []*faultProc // by slot
 	faults     int
-	notes      []string       // what was injected, when
-	outages    [][2]time.Time // PostgreSQL down, from Stop to Start's return plus faultOutageSlack
+	notes      []string              // what was injected, when
+	outages    [][2]time.Time        // PostgreSQL or Redis down, from Stop to Start's return plus faultOutageSlack
+	lockLoss   [][2]int64            // Redis lost its grants (unix ns): a restart, a FLUSHALL
+	cancels    map[int64]*cancelCall // scenario 6: the cancels the test made, by task
+	canceler   *canceler
 	started    time.Time
 	nextNumber int
 }
@@ -116,11 +130,15 @@ func (fx *faultRun) startProc(slot int, name string) *faultProc {
 	// The pool's sessions carry the worker's name, so scenario 2 can find
 	// them; the lock session is "tasking lock <worker id>".
 	dsn := fx.pg.URL() + "&pool_max_conns=6&application_name=" + url.QueryEscape(name)
-	p.cmd = exec.Command(fx.bin,
-		"-dsn", dsn, "-schema", fx.schema, "-locker", "postgres",
+	args := []string{
+		"-dsn", dsn, "-schema", fx.schema, "-locker", fx.sc.lockerKind(),
 		"-slots", strconv.Itoa(faultSlots), "-name", name, "-ttl", faultTTL.String(),
 		"-poll", "200ms", "-grace", "2s", "-lock-check", "50ms",
-		"-events", p.events)
+		"-events", p.events}
+	if fx.redis != nil {
+		args = append(args, "-redis", fx.redis.Addr(), "-redis-lease", faultLease.String())
+	}
+	p.cmd = exec.Command(fx.bin, args...)
 	p.cmd.Stdout, p.cmd.Stderr = logf, logf
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 	require.NoError(t, p.cmd.Start())
@@ -175,25 +193,51 @@ func (p *faultProc) readyID() int64 {
 // busy returns how many handlers of the process have started and not
 // ended, and how many of those hold resources (a fence above 0).
 func (p *faultProc) busy() (running, holding int) {
-	b, err := os.ReadFile(p.events)
-	if err != nil {
-		return 0, 0
-	}
-	fences := make(map[string]bool)
-	for _, line := range strings.Split(string(b), "\n") {
-		switch f := strings.Fields(line); {
-		case len(f) == 4 && f[0] == "start":
-			fences[f[1]] = f[2] != "0"
-		case len(f) == 3 && f[0] == "end":
-			delete(fences, f[1])
-		}
-	}
-	for _, h := range fences {
-		if h {
+	open := p.openRuns()
+	for _, fence := range open {
+		if fence > 0 {
 			holding++
 		}
 	}
-	return len(fences), holding
+	return len(open), holding
+}
+
+// openRuns returns the fences of the tasks whose handlers have started
+// and not ended in the process, by task id.
+func (p *faultProc) openRuns() map[int64]int64 {
+	b, err := os.ReadFile(p.events)
+	if err != nil {
+		return nil
+	}
+	fences := make(map[int64]int64)
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 3 || (f[0] != "start" && f[0] != "end") {
+			continue
+		}
+		id, _ := strconv.ParseInt(f[1], 10, 64)
+		switch {
+		case len(f) == 4 && f[0] == "start":
+			fences[id], _ = strconv.ParseInt(f[2], 10, 64)
+		case len(f) == 3 && f[0] == "end":
+			delete(fences, id)
+		}
+	}
+	return fences
+}
+
+// fleetBusy sums busy over the live workers.
+func (fx *faultRun) fleetBusy() (running, holding int) {
+	fx.mu.Lock()
+	live := slices.Clone(fx.live)
+	fx.mu.Unlock()
+	for _, p := range live {
+		if p != nil {
+			r, h := p.busy()
+			running, holding = running+r, holding+h
+		}
+	}
+	return running, holding
 }
 
 // pickBusy waits up to a second for a live worker (other than skip) whose
@@ -263,8 +307,11 @@ func (fx *faultRun) dispatch(ctx context.Context, specs []tasking.TaskSpec) erro
 	for lo := 0; lo < len(specs); lo += faultWave {
 		wave := specs[lo:min(lo+faultWave, len(specs))]
 		for attempt := 0; ; attempt++ {
-			_, err := fx.client.DispatchMany(ctx, wave...)
+			tasks, err := fx.client.DispatchMany(ctx, wave...)
 			if err == nil {
+				if fx.onWave != nil {
+					fx.onWave(tasks)
+				}
 				break
 			}
 			if ctx.Err() != nil {
@@ -467,6 +514,17 @@ func (p *faultProc) readEvents() {
 			}
 			open[r.task] = r
 			p.runs = append(p.runs, r)
+		case fs[0] == "cancel":
+			id, at := num(1), num(2)
+			r := open[id]
+			if r == nil {
+				p.bad = append(p.bad, fmt.Sprintf("cancel of task %d without a start", id))
+				continue
+			}
+			if r.canceled != 0 {
+				p.bad = append(p.bad, fmt.Sprintf("task %d saw its cancel twice", id))
+			}
+			r.canceled = at
 		case fs[0] == "end":
 			id, at := num(1), num(2)
 			r := open[id]
@@ -485,6 +543,72 @@ func (p *faultProc) readEvents() {
 	}
 }
 
+// follow calls fn, from one goroutine, for every start, cancel and end line
+// the processes append to their events files, about a millisecond after it
+// was written, until fx.quit is closed.
+func (fx *faultRun) follow(fn func(p *faultProc, kind string, task int64, at int64)) {
+	fx.bg.Add(1)
+	go func() {
+		defer fx.bg.Done()
+		type tail struct {
+			f   *os.File
+			off int64
+		}
+		tails := make(map[*faultProc]*tail)
+		defer func() {
+			for _, tl := range tails {
+				tl.f.Close()
+			}
+		}()
+		tick := time.NewTicker(time.Millisecond)
+		defer tick.Stop()
+		buf := make([]byte, 64<<10)
+		for {
+			select {
+			case <-fx.quit:
+				return
+			case <-tick.C:
+			}
+			fx.mu.Lock()
+			procs := slices.Clone(fx.procs)
+			fx.mu.Unlock()
+			for _, p := range procs {
+				tl := tails[p]
+				if tl == nil {
+					f, err := os.Open(p.events)
+					if err != nil {
+						continue
+					}
+					tl = &tail{f: f}
+					tails[p] = tl
+				}
+				for {
+					n, _ := tl.f.ReadAt(buf, tl.off)
+					// Only whole lines: a line is one write, but a read may
+					// still catch it half copied.
+					whole := bytes.LastIndexByte(buf[:n], '\n') + 1
+					if whole == 0 {
+						break
+					}
+					tl.off += int64(whole)
+					for _, line := range strings.Split(string(buf[:whole-1]), "\n") {
+						f := strings.Fields(line)
+						if len(f) < 3 || (f[0] != "start" && f[0] != "cancel" && f[0] != "end") {
+							continue
+						}
+						id, _ := strconv.ParseInt(f[1], 10, 64)
+						at, _ := strconv.ParseInt(f[len(f)-1], 10, 64)
+						fn(p, f[0], id, at)
+					}
+					if n < len(buf) {
+						break
+					}
+				}
+			}
+		}
+	}()
+}
+
 // stoppedDuring reports whether the process was paused or killed while
 // [from, to] (to 0: open-ended).
 func (p *faultProc) stoppedDuring(from, to int64) bool {
@@ -500,4 +624,16 @@ func (p *faultProc) stoppedDuring(from, to int64) bool {
 		}
 	}
 	return false
+}
+
+// resumedAfter returns when the process went on after the last pause that
+// overlapped [from, to], 0 when none did.
+func (p *faultProc) resumedAfter(from, to int64) int64 {
+	var resumed int64
+	for _, s := range p.stops {
+		if s[0] <= to && s[1] >= from {
+			resumed = max(resumed, s[1])
+		}
+	}
+	return resumed
 }

@@ -70,7 +70,15 @@ func (r *run) schedule(ctx context.Context) {
 				failing = true
 			}
 			retries = 0
-			sleepCtx(ctx, jitter(backoff))
+			// Back off, but come back at once on a wake-up: the buses send
+			// one when their connection is back.
+			t := time.NewTimer(jitter(backoff))
+			select {
+			case <-ctx.Done():
+			case <-r.wake:
+			case <-t.C:
+			}
+			t.Stop()
 			backoff = min(backoff*2, 5*time.Second)
 			r.signal()
 			continue
@@ -107,6 +115,7 @@ func (r *run) handles(name string) bool {
 // resources, in one UPDATE. progress: some task started. more: candidates
 // were denied or lost to other workers while slots stay free.
 func (r *run) cycle(ctx context.Context, free int) (progress, more bool, err error) {
+	var lockErr error
 	cands, err := r.scan(ctx, free)
 	if err != nil {
 		return false, false, err
@@ -119,8 +128,10 @@ func (r *run) cycle(ctx context.Context, free int) (progress, more bool, err err
 		}
 		fs, err := r.lock.TryAcquire(ctx, reqs)
 		if err != nil {
+			// The locker is out of reach: nothing that names resources
+			// starts, but tasks without resources need no grant.
 			r.releaseOwners(reqs)
-			return false, false, fmt.Errorf("acquire locks: %w", err)
+			lockErr = fmt.Errorf("acquire locks: %w", err)
 		}
 		for i, f := range fs {
 			if f > 0 {
@@ -159,7 +170,7 @@ func (r *run) cycle(ctx context.Context, free int) (progress, more bool, err err
 			r.log.Warn("tasking: release unused grants", "err", err)
 		}
 	}
-	return len(rows) > 0, len(rows) < free && len(cands) > claimedRes, nil
+	return len(rows) > 0, len(rows) < free && len(cands) > claimedRes, lockErr
 }
 
 // recoverClaim handles a claim that failed, perhaps after committing (the

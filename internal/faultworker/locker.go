@@ -1,7 +1,6 @@
 package main
 
 import (
-	"errors"
 	"fmt"
 
 	"github.com/redis/rueidis"
@@ -19,21 +18,25 @@ func newLocker(cfg config) (tasking.ResourceLocker, error) {
 		// for a fleet of them.
 		return tasking.NewMemoryLocker(), nil
 	case "redis":
-		if newRedisLocker == nil {
-			return nil, errors.New(`-locker redis: not wired yet; see the HOOK(redis) in internal/faultworker/locker.go`)
-		}
-		return newRedisLocker(cfg.redis)
+		return newRedisLocker(cfg)
 	}
 	return nil, fmt.Errorf(`-locker %q: want "postgres", "memory" or "redis"`, cfg.locker)
 }
 
-// newRedisLocker builds the Redis locker for -locker redis and -redis
-// <addr>. Fault scenario 3 (Redis restart and FLUSHALL) starts workers with
-// it. The client lives as long as the process.
-var newRedisLocker = func(addr string) (tasking.ResourceLocker, error) {
-	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{addr}, DisableCache: true})
+// newRedisLocker builds the Redis locker for -locker redis, -redis <addr>
+// and the lease flags. Fault scenarios 3 (Redis restart and FLUSHALL) and 6
+// start workers with it. The client lives as long as the process.
+func newRedisLocker(cfg config) (tasking.ResourceLocker, error) {
+	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{cfg.redis}, DisableCache: true})
 	if err != nil {
-		return nil, fmt.Errorf("redis %s: %w", addr, err)
+		return nil, fmt.Errorf("redis %s: %w", cfg.redis, err)
 	}
-	return tasking.NewRedisLocker(rdb), nil
+	var opts []tasking.RedisLockerOption
+	if cfg.lease > 0 {
+		opts = append(opts, tasking.WithRedisLease(cfg.lease))
+	}
+	if cfg.renew > 0 {
+		opts = append(opts, tasking.WithRedisRenewInterval(cfg.renew))
+	}
+	return tasking.NewRedisLocker(rdb, opts...), nil
 }

@@ -9,6 +9,9 @@
 //
 //	ready <worker id> <pid> <unixnano>     once, when the worker has registered
 //	start <task id> <fence> <unixnano>     before the work
+//	cancel <task id> <unixnano>            when the work stopped because the
+//	                                       task was canceled (the context's
+//	                                       cause is tasking.ErrCanceled)
 //	end <task id> <unixnano>               after the work, or when canceled
 //
 // Each line is one write(2) on a file opened with O_APPEND, so a kill -9
@@ -45,6 +48,8 @@ type config struct {
 	schema    string
 	locker    string
 	redis     string
+	lease     time.Duration
+	renew     time.Duration
 	slots     int
 	name      string
 	ttl       time.Duration
@@ -64,6 +69,8 @@ func parseFlags(args []string) (config, error) {
 	fs.StringVar(&c.schema, "schema", tasking.DefaultSchema, "tasking schema")
 	fs.StringVar(&c.locker, "locker", "postgres", `resource locker: "postgres", "memory" (this process only) or "redis"`)
 	fs.StringVar(&c.redis, "redis", "127.0.0.1:6379", "Redis address, for -locker redis")
+	fs.DurationVar(&c.lease, "redis-lease", 0, "Redis locker: lease (0: the library's default)")
+	fs.DurationVar(&c.renew, "redis-renew", 0, "Redis locker: renewal interval (0: the library's default)")
 	fs.IntVar(&c.slots, "slots", 4, "handler slots")
 	fs.StringVar(&c.name, "name", "", "worker name (default faultworker-<pid>)")
 	fs.DurationVar(&c.ttl, "ttl", time.Second, "heartbeat TTL")
@@ -166,6 +173,13 @@ func run(cfg config) error {
 		select {
 		case <-timer.C:
 		case <-ctx.Done():
+			// Stamped as soon as the handler sees it: the test measures
+			// how long a cancel takes to reach the handler.
+			if at := time.Now().UnixNano(); errors.Is(context.Cause(ctx), tasking.ErrCanceled) {
+				if err := ev.line("cancel %d %d", t.ID, at); err != nil {
+					return err
+				}
+			}
 		}
 		// The end is recorded before the handler returns, so it precedes the
 		// final state and the release of the task's locks.
