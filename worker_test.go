@@ -160,3 +160,37 @@ func TestPostgresLockLost(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, tasking.StateCompleted, got.State)
 }
+
+// TestLockerMismatch: a worker refuses to start while live workers of the
+// same schema use another kind of locker, and starts once they are gone.
+func TestLockerMismatch(t *testing.T) {
+	t.Parallel()
+	pg := newClient(t)
+	mem, err := tasking.New(testdb.Pool(t, 4), tasking.WithSchema(pg.Schema()), tasking.WithLogger(quietLogger()),
+		tasking.WithLocker(tasking.NewMemoryLocker()))
+	require.NoError(t, err)
+	ctx := ctxT(t, 30*time.Second)
+	noop := func(context.Context, *tasking.Task) error { return nil }
+
+	w1 := tasking.NewWorker(pg)
+	w1.Handle("t", noop)
+	done := make(chan error, 1)
+	runCtx, stop := context.WithCancel(ctx)
+	go func() { done <- w1.Run(runCtx) }()
+	require.Eventually(t, func() bool { return w1.ID() != 0 }, 10*time.Second, 5*time.Millisecond)
+
+	w2 := tasking.NewWorker(mem)
+	w2.Handle("t", noop)
+	err = w2.Run(ctx)
+	require.ErrorIs(t, err, tasking.ErrLockerMismatch)
+	require.Contains(t, err.Error(), `"postgres"`)
+
+	stop()
+	require.NoError(t, <-done)
+	runWorker(t, w2) // the postgres worker retired: the memory one may start
+	task, err := mem.Dispatch(ctx, "t", nil, tasking.Exclusive("x"))
+	require.NoError(t, err)
+	got, err := mem.Wait(ctx, task.ID)
+	require.NoError(t, err)
+	require.Equal(t, tasking.StateCompleted, got.State)
+}
