@@ -1,0 +1,94 @@
+// Command bench measures tasking: it dispatches a workload into a schema of
+// its own, drains it with workers, once per locker (PostgreSQL advisory
+// locks, Redis, or both side by side), and reports throughput, wait times,
+// PostgreSQL statements and Redis commands per task, connections and CPU.
+// See README.md for the workloads and the exact commands.
+//
+//	go run ./examples/bench -locker both -workload mix -tasks 100000
+package main
+
+import (
+	"cmp"
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/tasking-go/tasking/internal/bench"
+)
+
+func main() {
+	if os.Getenv(bench.ChildEnv) != "" {
+		os.Exit(bench.ChildMain())
+	}
+	const dsnFallback = "postgres://postgres@127.0.0.1:5432/test?sslmode=disable"
+	var cfg bench.Config
+	locker := flag.String("locker", "both", "pg, redis, or both (each on the same workload, side by side)")
+	flag.IntVar(&cfg.Slots, "slots", 80, "handler slots in all, split between the worker processes")
+	flag.IntVar(&cfg.Procs, "procs", 1, "worker processes; more than 1 re-executes this program as child workers")
+	flag.IntVar(&cfg.Tasks, "tasks", 100000, "tasks per run")
+	flag.StringVar(&cfg.Workload, "workload", "noop", "noop | unique | mix | contend | hot")
+	flag.IntVar(&cfg.Head, "head", 5000, "hot: tasks in the blocked head (exclusive on one name)")
+	body := flag.String("body", "noop", `what a handler does: "noop", or a duration to sleep (e.g. 300ms)`)
+	flag.StringVar(&cfg.Mode, "mode", "backlog", "backlog: dispatch everything (DispatchMany batches), then start the workers; stream: Dispatch one task at a time while the workers run")
+	flag.Float64Var(&cfg.Rate, "rate", 0, "stream: tasks/s in all (0: as fast as the dispatchers can)")
+	flag.IntVar(&cfg.Dispatchers, "dispatchers", 4, "backlog: concurrent DispatchMany batches; stream: concurrent Dispatch loops")
+	flag.IntVar(&cfg.Batch, "batch", 5000, "backlog: tasks per DispatchMany")
+	flag.IntVar(&cfg.StopAfter, "stop-after", 0, "stop once this many tasks are done and measure those (0: drain all)")
+	flag.IntVar(&cfg.Repeat, "repeat", 1, "runs per locker, interleaved; the tables show the median run")
+	poolConns := flag.Int("pool", 0, "max connections of each worker process's pool (0: pgx's default, max(4, cores))")
+	flag.DurationVar(&cfg.Poll, "poll", time.Second, "workers' fallback poll interval (tasking.WithPollInterval)")
+	flag.StringVar(&cfg.Out, "out", "bench", "prefix of the output files <out>.json and <out>.svg")
+	flag.StringVar(&cfg.DSN, "dsn", "", "PostgreSQL URL (default $TASKING_DATABASE_URL, else "+dsnFallback+")")
+	flag.StringVar(&cfg.Redis, "redis", "", "Redis address (default $TASKING_REDIS_ADDR, else 127.0.0.1:6379)")
+	flag.StringVar(&cfg.CPUProfile, "cpuprofile", "", "write a CPU profile of each worker process to <prefix>-<locker>-<run>-p<proc>.pprof")
+	flag.Uint64Var(&cfg.Seed, "seed", 1, "seed of the workload's choice of names")
+	flag.StringVar(&cfg.LogLevel, "log-level", "warn", "tasking's log level: debug, info, warn, error")
+	quiet := flag.Bool("quiet", false, "no live progress line")
+	flag.Parse()
+
+	switch *locker {
+	case "both":
+		cfg.Lockers = []string{"pg", "redis"}
+	case "postgres":
+		cfg.Lockers = []string{"pg"}
+	default:
+		cfg.Lockers = strings.Split(*locker, ",")
+	}
+	if *body != "noop" {
+		d, err := time.ParseDuration(*body)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "bench: -body %q: want noop or a duration\n", *body)
+			os.Exit(2)
+		}
+		cfg.Body = d
+	}
+	cfg.PoolConns = int32(*poolConns)
+	cfg.DSN = cmp.Or(cfg.DSN, os.Getenv("TASKING_DATABASE_URL"), dsnFallback)
+	cfg.Redis = cmp.Or(cfg.Redis, os.Getenv("TASKING_REDIS_ADDR"), "127.0.0.1:6379")
+	if !*quiet {
+		cfg.Progress = os.Stderr
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	rep, err := bench.Run(ctx, cfg)
+	stop()
+	if rep != nil && len(rep.Results) > 0 {
+		rep.Markdown(os.Stdout)
+		if werr := rep.WriteJSON(cfg.Out + ".json"); werr != nil {
+			fmt.Fprintln(os.Stderr, "bench:", werr)
+		}
+		if werr := rep.WriteSVG(cfg.Out + ".svg"); werr != nil {
+			fmt.Fprintln(os.Stderr, "bench:", werr)
+		}
+		fmt.Fprintf(os.Stderr, "wrote %s.json and %s.svg\n", cfg.Out, cfg.Out)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}

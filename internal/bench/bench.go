@@ -1,0 +1,705 @@
+// Package bench is the benchmark program of examples/bench: it dispatches a
+// workload into a schema of its own, drains it with a fleet of workers (in
+// this process or in child processes), once per locker, and reports
+// throughput, waits, statements and commands per task, connections and CPU,
+// side by side.
+//
+// Throughput is Pulp's formula from the tasks table (database clock):
+// completed tasks / (last finish − first start). Statements are counted by a
+// pgx tracer on the pools' ConnConfig (which the PostgreSQL locker's lock
+// connection and the LISTEN connection copy); Redis commands by a wrapper
+// around the rueidis client the locker is given, and, server-wide, by INFO
+// commandstats.
+package bench
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"runtime"
+	"slices"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/tasking-go/tasking"
+)
+
+// Config is the program's flags.
+type Config struct {
+	Lockers     []string      // "pg", "redis"
+	Slots       int           // in all, split between Procs
+	Procs       int           // worker processes
+	Tasks       int           // tasks per trial
+	Workload    string        // see Workloads
+	Head        int           // hot: tasks in the blocked head
+	Body        time.Duration // handler sleep; 0: return at once
+	Mode        string        // "backlog" or "stream"
+	Rate        float64       // stream: tasks/s in all; 0: as fast as the dispatchers can
+	Dispatchers int           // backlog: concurrent DispatchMany batches; stream: Dispatch loops
+	Batch       int           // backlog: tasks per DispatchMany
+	StopAfter   int           // stop once this many tasks are done (0: drain all)
+	Repeat      int           // trials per locker, interleaved; the report shows medians
+	PoolConns   int32         // worker pool size per process (0: pgx's default)
+	Poll        time.Duration // worker fallback poll interval
+	Out         string        // output prefix: <out>.json, <out>.svg
+	DSN, Redis  string
+	CPUProfile  string // prefix of CPU profiles of the worker processes
+	Seed        uint64
+	LogLevel    string
+	Progress    io.Writer // live progress line; nil: none
+}
+
+// Result is one trial: one locker draining one workload once.
+type Result struct {
+	Locker  string `json:"locker"`
+	Variant string `json:"variant,omitempty"` // hot: "head" or "no-head"
+	Rep     int    `json:"rep"`
+	Schema  string `json:"schema"`
+
+	All    groupStats            `json:"all"`
+	ByName map[string]groupStats `json:"by_name"`
+
+	DispatchSeconds float64 `json:"dispatch_seconds"`
+	DispatchSplits  int64   `json:"dispatch_batches_split"` // DispatchMany batches that overflowed the lock table
+	DispatchRate    float64 `json:"dispatch_tasks_per_s"`
+
+	Stmts        stmtCounts  `json:"-"`
+	StmtKinds    []kindCount `json:"stmt_kinds"`
+	DispatchStmt int64       `json:"dispatch_statements"`
+	WorkerStmt   int64       `json:"worker_statements"`
+	StmtPerTask  float64     `json:"statements_per_task"`
+	Prepares     int64       `json:"prepares"`
+	Listen       int64       `json:"listen_calls"`
+	Notify       int64       `json:"notify_calls"`
+	SessionLocks int64       `json:"session_advisory_calls"`
+	PGSSCalls    *int64      `json:"pg_stat_statements_calls,omitempty"`
+
+	RedisClient      map[string]int64 `json:"redis_commands_client,omitempty"`
+	RedisClientTotal int64            `json:"redis_commands_client_total"`
+	RedisPerTask     float64          `json:"redis_commands_per_task"`
+	RedisServer      int64            `json:"redis_commands_server"` // INFO commandstats delta, server-wide
+	RedisServerPer   float64          `json:"redis_commands_server_per_task"`
+	RedisCPU         float64          `json:"redis_cpu_seconds"`
+
+	PeakConns      int     `json:"peak_pg_connections"`
+	WorkerCPU      float64 `json:"worker_process_cpu_seconds"`
+	PGWorkerCPU    float64 `json:"pg_backend_cpu_seconds_workers"`
+	PGDispatchCPU  float64 `json:"pg_backend_cpu_seconds_dispatch"`
+	MachineBusy    float64 `json:"machine_busy_cores"` // average busy cores while draining
+	DrainWall      float64 `json:"drain_wall_seconds"`
+	Buckets        []int   `json:"finished_per_100ms"`
+	BucketsOf      string  `json:"buckets_of"` // which tasks the buckets count
+	WorkersStarted time.Time
+}
+
+// Report is everything a run measured.
+type Report struct {
+	Config  reportConfig `json:"config"`
+	Started time.Time    `json:"started"`
+	Results []*Result    `json:"results"`
+}
+
+type reportConfig struct {
+	Lockers     []string `json:"lockers"`
+	Workload    string   `json:"workload"`
+	Mode        string   `json:"mode"`
+	Tasks       int      `json:"tasks"`
+	Head        int      `json:"head,omitempty"`
+	Slots       int      `json:"slots"`
+	Procs       int      `json:"procs"`
+	Body        string   `json:"body"`
+	Rate        float64  `json:"rate,omitempty"`
+	Dispatchers int      `json:"dispatchers"`
+	Batch       int      `json:"batch"`
+	StopAfter   int      `json:"stop_after,omitempty"`
+	Repeat      int      `json:"repeat"`
+	PoolConns   int32    `json:"pool_conns"`
+	Seed        uint64   `json:"seed"`
+	GOMAXPROCS  int      `json:"cores"`
+}
+
+// Run runs every trial and returns the report. Each trial works in a schema
+// and Redis namespace of its own and removes them when it ends, also when
+// ctx is canceled (Ctrl-C).
+func Run(ctx context.Context, cfg Config) (*Report, error) {
+	if err := cfg.check(); err != nil {
+		return nil, err
+	}
+	var suffix [4]byte
+	_, _ = rand.Read(suffix[:])
+	base := "tasking_bench_" + hex.EncodeToString(suffix[:])
+	mon, err := newPool(ctx, cfg.DSN, 4, nil, "tasking_bench monitor")
+	if err != nil {
+		return nil, err
+	}
+	defer mon.Close()
+	var redis *redisEnv
+	if slices.Contains(cfg.Lockers, "redis") {
+		if redis, err = openRedis(ctx, cfg.Redis); err != nil {
+			return nil, err
+		}
+		defer redis.close()
+	}
+	rep := &Report{Started: time.Now(), Config: reportConfig{
+		Lockers: cfg.Lockers, Workload: cfg.Workload, Mode: cfg.Mode, Tasks: cfg.Tasks, Slots: cfg.Slots,
+		Procs: cfg.Procs, Body: bodyString(cfg.Body), Rate: cfg.Rate, Dispatchers: cfg.Dispatchers,
+		Batch: cfg.Batch, StopAfter: cfg.StopAfter, Repeat: cfg.Repeat, PoolConns: cfg.PoolConns,
+		Seed: cfg.Seed, GOMAXPROCS: numCPU(),
+	}}
+	if cfg.Workload == "hot" {
+		rep.Config.Head = cfg.Head
+	}
+	variants := []string{""}
+	if cfg.Workload == "hot" {
+		variants = []string{"head", "no-head"}
+	}
+	for r := 1; r <= cfg.Repeat; r++ {
+		for _, v := range variants {
+			for _, lk := range cfg.Lockers {
+				t := &trial{cfg: cfg, mon: mon, redis: redis, locker: lk, variant: v, rep: r,
+					schema: fmt.Sprintf("%s_%s%s_%d", base, lk, variantSuffix(v), r)}
+				res, err := t.run(ctx)
+				if err != nil {
+					return rep, fmt.Errorf("%s%s run %d: %w", lk, variantLabel(v), r, err)
+				}
+				rep.Results = append(rep.Results, res)
+			}
+		}
+	}
+	return rep, nil
+}
+
+func variantSuffix(v string) string {
+	switch v {
+	case "head":
+		return "_h"
+	case "no-head":
+		return "_n"
+	}
+	return ""
+}
+
+func variantLabel(v string) string {
+	if v == "" {
+		return ""
+	}
+	return " (" + v + ")"
+}
+
+func bodyString(d time.Duration) string {
+	if d == 0 {
+		return "noop"
+	}
+	return d.String()
+}
+
+func (c *Config) check() error {
+	var errs []error
+	if len(c.Lockers) == 0 {
+		errs = append(errs, errors.New("no locker"))
+	}
+	for _, l := range c.Lockers {
+		if l != "pg" && l != "redis" {
+			errs = append(errs, fmt.Errorf("-locker %q: want pg, redis or both", l))
+		}
+		if l == "redis" && !redisAvailable {
+			errs = append(errs, errors.New("-locker redis: this build has no Redis locker (lock_redis.go is not merged yet)"))
+		}
+	}
+	if !slices.Contains(Workloads, c.Workload) {
+		errs = append(errs, fmt.Errorf("-workload %q: want one of %v", c.Workload, Workloads))
+	}
+	if c.Mode != "backlog" && c.Mode != "stream" {
+		errs = append(errs, fmt.Errorf("-mode %q: want backlog or stream", c.Mode))
+	}
+	if c.Procs < 1 || c.Slots < c.Procs {
+		errs = append(errs, fmt.Errorf("-procs %d, -slots %d: need 1 <= procs <= slots", c.Procs, c.Slots))
+	}
+	if c.Tasks < 1 || c.Dispatchers < 1 || c.Batch < 1 || c.Repeat < 1 || c.Rate < 0 || c.Body < 0 {
+		errs = append(errs, errors.New("-tasks, -dispatchers, -batch and -repeat must be positive; -rate and -body not negative"))
+	}
+	if c.Workload == "hot" && (c.Head < 1 || c.Head >= c.Tasks) {
+		errs = append(errs, fmt.Errorf("-head %d: need 1 <= head < tasks (%d)", c.Head, c.Tasks))
+	}
+	if c.Poll <= 0 {
+		c.Poll = time.Second
+	}
+	return errors.Join(errs...)
+}
+
+// trial is one locker draining one workload once.
+type trial struct {
+	cfg     Config
+	mon     *pgxpool.Pool
+	redis   *redisEnv
+	locker  string
+	variant string
+	rep     int
+	schema  string
+
+	dispatched atomic.Int64
+	splits     atomic.Int64 // batches split because they overflowed the lock table
+}
+
+func (t *trial) label() string {
+	return fmt.Sprintf("%s%s #%d", t.locker, variantLabel(t.variant), t.rep)
+}
+
+func (t *trial) run(ctx context.Context) (res *Result, err error) {
+	cfg := t.cfg
+	res = &Result{Locker: t.locker, Variant: t.variant, Rep: t.rep, Schema: t.schema}
+	// Clean up whatever happens, with a context of its own: ctx may be the
+	// canceled one of a Ctrl-C.
+	defer func() {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
+		defer cancel()
+		if _, derr := t.mon.Exec(cctx, "DROP SCHEMA IF EXISTS "+pgx.Identifier{t.schema}.Sanitize()+" CASCADE"); derr != nil {
+			err = errors.Join(err, fmt.Errorf("drop schema %s: %w", t.schema, derr))
+		}
+		if t.redis != nil && t.locker == "redis" {
+			if _, rerr := t.redis.removeNamespace(cctx, t.schema); rerr != nil {
+				err = errors.Join(err, fmt.Errorf("remove redis namespace %s: %w", t.schema, rerr))
+			}
+		}
+	}()
+	{
+		c, err := tasking.New(t.mon, tasking.WithSchema(t.schema))
+		if err != nil {
+			return nil, err
+		}
+		if err := c.Migrate(ctx); err != nil {
+			return nil, err
+		}
+	}
+	groups, err := generate(cfg.Workload, cfg.Tasks, cfg.Head, t.variant == "no-head", cfg.Seed, t.schema+"/")
+	if err != nil {
+		return nil, err
+	}
+	total := count(groups)
+
+	smp := newSampler(t.mon)
+	sctx, stopSampler := context.WithCancel(ctx)
+	var sw sync.WaitGroup
+	sw.Add(1)
+	go func() { defer sw.Done(); smp.run(sctx, 100*time.Millisecond) }()
+	defer func() { stopSampler(); sw.Wait() }()
+
+	// The dispatching side: a pool and client of its own, as an application
+	// that dispatches would have.
+	dtr := newStmtTracer(func(pid uint32) { smp.add(pid, "dispatch") })
+	dpool, err := newPool(ctx, cfg.DSN, int32(cfg.Dispatchers+1), dtr, "tasking_bench dispatch")
+	if err != nil {
+		return nil, err
+	}
+	defer dpool.Close()
+	dcmds := newCmdCounter()
+	dlocker := tasking.NewPostgresLocker()
+	if t.locker == "redis" {
+		dlocker = t.redis.locker(t.schema, dcmds)
+	}
+	dclient, err := tasking.New(dpool, tasking.WithSchema(t.schema), tasking.WithLocker(dlocker), tasking.WithLogger(logger(cfg.LogLevel)))
+	if err != nil {
+		return nil, err
+	}
+	var redisCalls0 int64
+	var redisCPU0 float64
+	if t.locker == "redis" {
+		if redisCalls0, redisCPU0, err = t.redis.serverStats(ctx); err != nil {
+			return nil, err
+		}
+	}
+	pgss0, pgssOK := pgssCalls(ctx, t.mon, t.schema)
+
+	// Workers: ready (connected) before anything is dispatched.
+	specs := make([]workerSpec, cfg.Procs)
+	for i := range specs {
+		slots := cfg.Slots / cfg.Procs
+		if i < cfg.Slots%cfg.Procs {
+			slots++
+		}
+		specs[i] = workerSpec{DSN: cfg.DSN, Schema: t.schema, Locker: t.locker, Redis: cfg.Redis,
+			Namespace: t.schema, Slots: slots, PoolConns: cfg.PoolConns, Body: cfg.Body, Poll: cfg.Poll,
+			Index: i, LogLevel: cfg.LogLevel}
+		if cfg.CPUProfile != "" {
+			specs[i].CPUProfile = fmt.Sprintf("%s-%s%s-%d-p%d.pprof", cfg.CPUProfile, t.locker, variantSuffix(t.variant), t.rep, i)
+		}
+	}
+	fl, err := startFleet(ctx, specs, cfg.Procs == 1, func(pid uint32) { smp.add(pid, "worker") })
+	if err != nil {
+		return nil, err
+	}
+	stopped := false
+	defer func() {
+		if !stopped { // stop the workers before the schema is dropped
+			_, _ = fl.shutdown(15 * time.Second)
+		}
+	}()
+
+	progress := t.progress(ctx, fl, smp, total)
+	defer progress.stop()
+
+	var dispatchDone chan struct{} // stream: closed when the dispatchers are done
+	var dispatchErr error
+	d0 := time.Now()
+	if cfg.Mode == "backlog" {
+		progress.phase("dispatching")
+		if err := t.dispatchBacklog(ctx, dclient, groups); err != nil {
+			return nil, err
+		}
+		res.DispatchSeconds = time.Since(d0).Seconds()
+	}
+	progress.phase("running")
+	busy0, tot0 := machineCPU()
+	cpu0 := processCPU()
+	res.WorkersStarted = time.Now()
+	fl.run()
+	if cfg.Mode == "stream" {
+		dispatchDone = make(chan struct{})
+		go func() {
+			defer close(dispatchDone)
+			dispatchErr = t.dispatchStream(ctx, dclient, groups)
+			res.DispatchSeconds = time.Since(d0).Seconds()
+		}()
+	}
+
+	target := int64(total)
+	if cfg.StopAfter > 0 && cfg.StopAfter < total {
+		target = int64(cfg.StopAfter)
+	}
+	if err := t.waitDone(ctx, fl, target, dispatchDone, &dispatchErr); err != nil {
+		return nil, err
+	}
+	if target == int64(total) {
+		// Every handler returned; wait for the last final states.
+		for {
+			n, err := unfinished(ctx, t.mon, t.schema)
+			if err != nil {
+				return nil, err
+			}
+			if n == 0 {
+				break
+			}
+			if err := sleep(ctx, 20*time.Millisecond); err != nil {
+				return nil, err
+			}
+		}
+	}
+	res.DrainWall = time.Since(res.WorkersStarted).Seconds()
+	busy1, tot1 := machineCPU()
+	if tot1 > tot0 {
+		res.MachineBusy = (busy1 - busy0) / (tot1 - tot0) * float64(numCPU())
+	}
+	smp.sample(ctx) // last CPU readings while the connections are open
+	progress.phase("stopping")
+	reps, err := fl.shutdown(60 * time.Second)
+	stopped = true
+	if err != nil {
+		return nil, err
+	}
+	if dispatchDone != nil {
+		<-dispatchDone
+		if dispatchErr != nil {
+			return nil, dispatchErr
+		}
+	}
+	progress.stop()
+
+	// Counts.
+	if cfg.Procs == 1 {
+		res.WorkerCPU = processCPU() - cpu0
+	}
+	var ws stmtCounts
+	redisClient := dcmds.snapshot()
+	for _, r := range reps {
+		ws.add(r.Stmts)
+		if cfg.Procs > 1 {
+			res.WorkerCPU += r.CPUSeconds
+		}
+		for k, v := range r.Redis {
+			redisClient[k] += v
+		}
+	}
+	ds := dtr.snapshot()
+	res.DispatchStmt, res.WorkerStmt = ds.total(), ws.total()
+	res.Stmts.add(ds)
+	res.Stmts.add(ws)
+	res.StmtKinds = res.Stmts.byKind()
+	res.Prepares = res.Stmts.Prepares
+	res.Listen, res.Notify, res.SessionLocks = res.Stmts.wakeupCalls()
+	if pgss1, ok := pgssCalls(ctx, t.mon, t.schema); ok && pgssOK {
+		d := pgss1 - pgss0
+		res.PGSSCalls = &d
+	}
+	if t.locker == "redis" {
+		res.RedisClient = redisClient
+		for _, v := range redisClient {
+			res.RedisClientTotal += v
+		}
+		calls, cpu, err := t.redis.serverStats(ctx)
+		if err == nil {
+			res.RedisServer = calls - redisCalls0
+			res.RedisCPU = cpu - redisCPU0
+		}
+	}
+	res.PGDispatchCPU, res.PGWorkerCPU, _ = smp.backendCPU()
+	_, res.PeakConns = smp.conns()
+
+	// The tasks table.
+	if res.All, res.ByName, err = tableStats(ctx, t.mon, t.schema); err != nil {
+		return nil, err
+	}
+	res.DispatchSplits = t.splits.Load()
+	if res.DispatchSeconds > 0 {
+		res.DispatchRate = float64(t.dispatched.Load()) / res.DispatchSeconds
+	}
+	done := float64(res.All.Completed)
+	if done > 0 {
+		res.StmtPerTask = float64(res.Stmts.total()) / done
+		res.RedisPerTask = float64(res.RedisClientTotal) / done
+		res.RedisServerPer = float64(res.RedisServer) / done
+	}
+	res.BucketsOf = "all tasks"
+	if res.Buckets, err = buckets(ctx, t.mon, t.schema, res.All.FirstStart); err != nil {
+		return nil, err
+	}
+	return res, nil
+}
+
+// dispatchBacklog stores every group with DispatchMany batches, cfg.Dispatchers
+// batches at a time; a group is stored completely before the next starts.
+func (t *trial) dispatchBacklog(ctx context.Context, c *tasking.Client, groups []group) error {
+	for _, g := range groups {
+		batches := make(chan []tasking.TaskSpec)
+		errc := make(chan error, t.cfg.Dispatchers)
+		var wg sync.WaitGroup
+		for range t.cfg.Dispatchers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for b := range batches {
+					if err := t.dispatchMany(ctx, c, b); err != nil {
+						errc <- err
+						return
+					}
+				}
+			}()
+		}
+		var err error
+	feed:
+		for i := 0; i < len(g.specs); i += t.cfg.Batch {
+			select {
+			case batches <- g.specs[i:min(i+t.cfg.Batch, len(g.specs))]:
+			case err = <-errc:
+				break feed
+			case <-ctx.Done():
+				err = ctx.Err()
+				break feed
+			}
+		}
+		close(batches)
+		wg.Wait()
+		close(errc)
+		if err == nil {
+			err = <-errc
+		}
+		if err != nil {
+			return fmt.Errorf("dispatch: %w", err)
+		}
+	}
+	return nil
+}
+
+// dispatchMany stores one batch. A batch whose resources overflow
+// PostgreSQL's lock table (dispatch takes a transaction-scoped advisory lock
+// per distinct resource, and the table holds max_locks_per_transaction ×
+// max_connections locks for the whole server) fails with "out of shared
+// memory"; it is then split in halves, in order, and the splits are counted
+// for the report.
+func (t *trial) dispatchMany(ctx context.Context, c *tasking.Client, b []tasking.TaskSpec) error {
+	_, err := c.DispatchMany(ctx, b...)
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == "53200" && len(b) > 1 {
+		t.splits.Add(1)
+		if err := t.dispatchMany(ctx, c, b[:len(b)/2]); err != nil {
+			return err
+		}
+		return t.dispatchMany(ctx, c, b[len(b)/2:])
+	}
+	if err == nil {
+		t.dispatched.Add(int64(len(b)))
+	}
+	return err
+}
+
+// dispatchStream calls Dispatch once per task from cfg.Dispatchers loops,
+// paced to cfg.Rate tasks/s in all when it is set.
+func (t *trial) dispatchStream(ctx context.Context, c *tasking.Client, groups []group) error {
+	var all []tasking.TaskSpec
+	for _, g := range groups {
+		all = append(all, g.specs...)
+	}
+	var next atomic.Int64
+	start := time.Now()
+	errc := make(chan error, t.cfg.Dispatchers)
+	var wg sync.WaitGroup
+	for range t.cfg.Dispatchers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := next.Add(1) - 1
+				if i >= int64(len(all)) {
+					return
+				}
+				if t.cfg.Rate > 0 {
+					due := start.Add(time.Duration(float64(i) / t.cfg.Rate * float64(time.Second)))
+					if err := sleep(ctx, time.Until(due)); err != nil {
+						errc <- err
+						return
+					}
+				}
+				s := all[i]
+				if _, err := c.Dispatch(ctx, s.Name, s.Args, tasking.Exclusive(s.Exclusive...), tasking.Shared(s.Shared...)); err != nil {
+					errc <- fmt.Errorf("dispatch: %w", err)
+					return
+				}
+				t.dispatched.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errc)
+	return <-errc
+}
+
+// waitDone waits until the fleet's handlers have run target tasks. It fails
+// when nothing finishes for a minute.
+func (t *trial) waitDone(ctx context.Context, fl *fleet, target int64, dispatchDone <-chan struct{}, dispatchErr *error) error {
+	last, lastAt := int64(-1), time.Now()
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-dispatchDone:
+			if *dispatchErr != nil {
+				return *dispatchErr
+			}
+			dispatchDone = nil
+		case <-tick.C:
+		}
+		n := fl.done()
+		if n >= target {
+			return nil
+		}
+		if n != last {
+			last, lastAt = n, time.Now()
+		} else if time.Since(lastAt) > time.Minute && t.dispatched.Load() > n {
+			return fmt.Errorf("stalled: %d of %d tasks done, none for a minute", n, target)
+		}
+	}
+}
+
+func sleep(ctx context.Context, d time.Duration) error {
+	if d <= 0 {
+		return ctx.Err()
+	}
+	tm := time.NewTimer(d)
+	defer tm.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-tm.C:
+		return nil
+	}
+}
+
+// progressLine prints one line, rewritten in place about twice a second.
+type progressLine struct {
+	stopOnce sync.Once
+	done     chan struct{}
+	wg       sync.WaitGroup
+	mu       sync.Mutex
+	what     string
+}
+
+func (p *progressLine) phase(s string) {
+	if p == nil {
+		return
+	}
+	p.mu.Lock()
+	p.what = s
+	p.mu.Unlock()
+}
+
+func (p *progressLine) stop() {
+	if p == nil {
+		return
+	}
+	p.stopOnce.Do(func() { close(p.done); p.wg.Wait() })
+}
+
+func (t *trial) progress(ctx context.Context, fl *fleet, smp *sampler, total int) *progressLine {
+	w := t.cfg.Progress
+	if w == nil {
+		return nil
+	}
+	p := &progressLine{done: make(chan struct{})}
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		tick := time.NewTicker(500 * time.Millisecond)
+		defer tick.Stop()
+		prev, prevAt := int64(0), time.Now()
+		width := 0
+		for {
+			select {
+			case <-p.done:
+				fmt.Fprintf(w, "\r%*s\r", width, "")
+				return
+			case <-ctx.Done():
+				fmt.Fprintf(w, "\r%*s\r", width, "")
+				return
+			case <-tick.C:
+			}
+			n, now := fl.done(), time.Now()
+			rate := float64(n-prev) / now.Sub(prevAt).Seconds()
+			prev, prevAt = n, now
+			conns, _ := smp.conns()
+			p.mu.Lock()
+			what := p.what
+			p.mu.Unlock()
+			line := fmt.Sprintf("[%s] %s: dispatched %d/%d  done %d  %.0f tasks/s  pg conns %d",
+				t.label(), what, t.dispatched.Load(), total, n, rate, conns)
+			fmt.Fprintf(w, "\r%-*s", width, line)
+			width = max(width, len(line))
+		}
+	}()
+	return p
+}
+
+func numCPU() int { return runtime.NumCPU() }
+
+// median returns the result with the median rate of those given (the lower
+// middle one for an even count).
+func median(rs []*Result, rate func(*Result) float64) *Result {
+	s := slices.Clone(rs)
+	sort.Slice(s, func(i, j int) bool { return rate(s[i]) < rate(s[j]) })
+	return s[(len(s)-1)/2]
+}
+
+func round(x float64, d int) float64 {
+	p := math.Pow(10, float64(d))
+	return math.Round(x*p) / p
+}

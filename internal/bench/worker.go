@@ -1,0 +1,182 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"runtime/pprof"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/tasking-go/tasking"
+)
+
+// workerSpec is what one worker process runs. It goes to a child process
+// as JSON.
+type workerSpec struct {
+	DSN        string        `json:"dsn"`
+	Schema     string        `json:"schema"`
+	Locker     string        `json:"locker"` // "pg" or "redis"
+	Redis      string        `json:"redis"`
+	Namespace  string        `json:"namespace"`
+	Slots      int           `json:"slots"`
+	PoolConns  int32         `json:"pool_conns"` // 0: pgx's default
+	Body       time.Duration `json:"body"`
+	Poll       time.Duration `json:"poll"`
+	Index      int           `json:"index"`
+	CPUProfile string        `json:"cpuprofile"`
+	LogLevel   string        `json:"log_level"`
+}
+
+// msg is one report from a worker process to the bench: a new backend pid,
+// readiness, progress, the final counts, or an error.
+type msg struct {
+	PID   uint32      `json:"pid,omitempty"`
+	Ready bool        `json:"ready,omitempty"`
+	Done  int64       `json:"done,omitempty"`
+	Final *procReport `json:"final,omitempty"`
+	Err   string      `json:"err,omitempty"`
+}
+
+// procReport is what a worker process counted over its run.
+type procReport struct {
+	Stmts      stmtCounts       `json:"stmts"`
+	Redis      map[string]int64 `json:"redis"`
+	CPUSeconds float64          `json:"cpu_seconds"` // user+system of the process while the worker ran
+	Done       int64            `json:"done"`
+}
+
+// newPool opens a pool whose statements tr counts.
+func newPool(ctx context.Context, dsn string, maxConns int32, tr *stmtTracer, app string) (*pgxpool.Pool, error) {
+	cfg, err := pgxpool.ParseConfig(dsn)
+	if err != nil {
+		return nil, fmt.Errorf("parse -dsn: %w", err)
+	}
+	if maxConns > 0 {
+		cfg.MaxConns = maxConns
+	}
+	if tr != nil {
+		cfg.ConnConfig.Tracer = tr
+	}
+	if app != "" {
+		cfg.ConnConfig.RuntimeParams["application_name"] = app
+	}
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	if err := pool.Ping(ctx); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("PostgreSQL not reachable: %w", err)
+	}
+	return pool, nil
+}
+
+func logger(level string) *slog.Logger {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		l = slog.LevelWarn
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l}))
+}
+
+// runWorker runs one worker process's worker: it connects, reports ready,
+// waits for start, runs until ctx is done, and reports its counts. emit
+// must be safe for concurrent use.
+func runWorker(ctx context.Context, spec workerSpec, start <-chan struct{}, emit func(msg)) error {
+	tr := newStmtTracer(func(pid uint32) { emit(msg{PID: pid}) })
+	setupCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	pool, err := newPool(setupCtx, spec.DSN, spec.PoolConns, tr, "tasking_bench")
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+	cmds := newCmdCounter()
+	var closeRedis func()
+	locker := tasking.NewPostgresLocker()
+	if spec.Locker == "redis" {
+		env, err := openRedis(setupCtx, spec.Redis)
+		if err != nil {
+			return err
+		}
+		closeRedis = env.close
+		locker = env.locker(spec.Namespace, cmds)
+	}
+	if closeRedis != nil {
+		defer closeRedis()
+	}
+	log := logger(spec.LogLevel)
+	client, err := tasking.New(pool, tasking.WithSchema(spec.Schema), tasking.WithLocker(locker), tasking.WithLogger(log))
+	if err != nil {
+		return err
+	}
+	w := tasking.NewWorker(client, tasking.WithSlots(spec.Slots), tasking.WithPollInterval(spec.Poll),
+		tasking.WithWorkerName(fmt.Sprintf("bench-%s-%d-%d", spec.Locker, spec.Index, os.Getpid())))
+	var done atomic.Int64
+	body := spec.Body
+	handler := func(ctx context.Context, _ *tasking.Task) error {
+		if body > 0 {
+			t := time.NewTimer(body)
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+				t.Stop()
+			}
+		}
+		done.Add(1)
+		return nil
+	}
+	for _, n := range taskNames {
+		w.Handle(n, handler)
+	}
+	emit(msg{Ready: true})
+	select {
+	case <-start:
+	case <-ctx.Done():
+		return nil
+	}
+	if spec.CPUProfile != "" {
+		f, err := os.Create(spec.CPUProfile)
+		if err != nil {
+			return err
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			f.Close()
+			return err
+		}
+		defer func() { pprof.StopCPUProfile(); f.Close() }()
+	}
+	cpu0 := processCPU()
+	errc := make(chan error, 1)
+	go func() { errc <- w.Run(ctx) }()
+	tick := time.NewTicker(200 * time.Millisecond)
+	defer tick.Stop()
+	var runErr error
+loop:
+	for {
+		select {
+		case runErr = <-errc:
+			break loop
+		case <-tick.C:
+			emit(msg{Done: done.Load()})
+		}
+	}
+	emit(msg{Done: done.Load()})
+	rep := &procReport{Stmts: tr.snapshot(), Redis: cmds.snapshot(), CPUSeconds: processCPU() - cpu0, Done: done.Load()}
+	emit(msg{Final: rep})
+	return runErr
+}
+
+// processCPU returns the user+system CPU seconds this process has used.
+func processCPU() float64 {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return float64(ru.Utime.Nano()+ru.Stime.Nano()) / 1e9
+}
