@@ -81,8 +81,13 @@ func newQueries(schema string) queries {
 		// resources (their names start out taken) and the oldest waiting
 		// tasks that name resources, in one statement and so one snapshot:
 		// a task claimed in between cannot slip through both reads.
-		scan: `SELECT true, id, name, exclusive, shared FROM ` + s + `.tasks
+		//
+		// ORDER BY makes the running branch a plain index scan, which marks
+		// the index entries of finished tasks dead as it passes them; a
+		// bitmap scan would read them again on every cycle until a vacuum.
+		scan: `(SELECT true, id, name, exclusive, shared FROM ` + s + `.tasks
 			WHERE state IN ('running', 'canceling') AND (exclusive <> '{}' OR shared <> '{}')
+			ORDER BY id)
 			UNION ALL
 			(SELECT false, id, name, exclusive, shared FROM ` + s + `.tasks
 			WHERE state = 'waiting' AND (exclusive <> '{}' OR shared <> '{}')
@@ -96,7 +101,9 @@ func newQueries(schema string) queries {
 		// resources, oldest first, that this worker handles ($3). Tasks
 		// without resources conflict with nothing, so any worker may take any
 		// of them; SKIP LOCKED leaves a row another worker is claiming right
-		// now to that worker instead of making both wait.
+		// now to that worker instead of making both wait. The ids go in as
+		// an array so that the update looks them up by primary key (a join
+		// turns into a sequential scan once the table is small).
 		claim: `WITH granted AS (
 				SELECT id FROM ` + s + `.tasks WHERE id = ANY($2) AND state = 'waiting'
 				FOR UPDATE SKIP LOCKED
@@ -107,17 +114,21 @@ func newQueries(schema string) queries {
 			)
 			UPDATE ` + s + `.tasks t
 			SET state = 'running', worker_id = $1, epoch = t.epoch + 1, started_at = clock_timestamp()
-			FROM (SELECT id FROM granted UNION ALL SELECT id FROM free) c
-			WHERE t.id = c.id
+			WHERE t.id = ANY (ARRAY(SELECT id FROM granted UNION ALL SELECT id FROM free))
 			RETURNING t.id, t.name, t.exclusive, t.shared, t.args, t.epoch, t.created_at, t.started_at,
 				coalesce(t.timeout_ms, 0)`,
 		// Guarded by worker and epoch: a late write from a worker that lost
-		// its claim changes nothing. A canceling task ends canceled.
+		// its claim changes nothing. A canceling task ends canceled. The
+		// worker guard is written so that no index can serve it: the
+		// planner would otherwise pick tasks_worker_idx, which every claim
+		// fills with entries that stay dead until a vacuum, and each finish
+		// would wade through them; the primary key finds the rows directly.
 		finish: `UPDATE ` + s + `.tasks t
 			SET state = CASE WHEN t.state = 'canceling' THEN 'canceled' ELSE v.state END,
 			    finished_at = clock_timestamp(), error = nullif(v.error, ''), result = v.result
 			FROM unnest($2::bigint[], $3::int[], $4::text[], $5::text[], $6::jsonb[]) AS v(id, epoch, state, error, result)
-			WHERE t.id = v.id AND t.worker_id = $1 AND t.epoch = v.epoch AND t.state IN ('running', 'canceling')
+			WHERE t.id = v.id AND t.worker_id IS NOT DISTINCT FROM $1 AND t.epoch = v.epoch
+			  AND t.state IN ('running', 'canceling')
 			RETURNING t.id`,
 		lock:   `SELECT req, fence FROM ` + s + `.lock_batch($1, $2, $3, $4, $5)`,
 		unlock: `SELECT count(*) FROM ` + s + `.lock_batch($1, $2, '{}', '{}', '{}')`,
