@@ -213,3 +213,41 @@ func TestBlockedHead(t *testing.T) {
 		})
 	}
 }
+
+// TestDispatchManyResources: a batch naming far more resources than the
+// server's lock table holds per connection still dispatches (it orders
+// itself with one schema-wide lock), and it still orders against a
+// concurrent conflicting dispatch.
+func TestDispatchManyResources(t *testing.T) {
+	t.Parallel()
+	c := newClient(t)
+	pool := testdb.Pool(t, 4)
+	ctx := ctxT(t, 60*time.Second)
+	specs := make([]tasking.TaskSpec, 5000)
+	for i := range specs {
+		specs[i] = tasking.Spec("t", nil, tasking.Exclusive(fmt.Sprintf("own-%d", i)))
+	}
+
+	tx, err := pool.Begin(ctx)
+	require.NoError(t, err)
+	defer tx.Rollback(ctx)
+	first, err := c.DispatchTx(ctx, tx, "t", nil, tasking.Exclusive("own-7"))
+	require.NoError(t, err)
+	got := make(chan []*tasking.Task, 1)
+	go func() {
+		ts, err := c.DispatchMany(ctx, specs...)
+		if err != nil {
+			t.Errorf("DispatchMany: %v", err)
+		}
+		got <- ts
+	}()
+	select {
+	case <-got:
+		t.Fatal("the big batch did not wait for the open conflicting dispatch")
+	case <-time.After(100 * time.Millisecond): // it must be waiting
+	}
+	require.NoError(t, tx.Commit(ctx))
+	ts := <-got
+	require.Len(t, ts, len(specs))
+	require.Greater(t, ts[0].ID, first.ID)
+}

@@ -48,15 +48,43 @@ func prepareBatch(schema string, specs []TaskSpec) (*preparedBatch, error) {
 			modes[k] = modes[k] || false
 		}
 	}
-	for k := range modes {
-		b.lockKeys = append(b.lockKeys, k)
-	}
-	sort.Slice(b.lockKeys, func(i, j int) bool { return b.lockKeys[i] < b.lockKeys[j] })
-	b.lockExcl = make([]bool, len(b.lockKeys))
-	for i, k := range b.lockKeys {
-		b.lockExcl[i] = modes[k]
-	}
+	b.lockKeys, b.lockExcl = dispatchLocks(schema, modes)
 	return b, nil
+}
+
+// maxDispatchLocks is how many per-resource locks one dispatch takes at most.
+// PostgreSQL's lock table is shared by the whole server and small (64 per
+// connection by default): a batch naming thousands of resources would fill
+// it ("out of shared memory") and break other sessions too.
+const maxDispatchLocks = 64
+
+// dispatchLocks returns the advisory locks a dispatch takes before drawing
+// ids, in the order to take them: first one schema-wide key, shared by every
+// dispatch that names resources, then one key per resource, sorted so that
+// concurrent dispatches never deadlock. A batch naming more than
+// maxDispatchLocks resources takes the schema-wide key exclusively instead,
+// which orders it against every other dispatch at the price of making them
+// wait for it. A batch without resources takes nothing: it conflicts with
+// no task.
+func dispatchLocks(schema string, modes map[int64]bool) ([]int64, []bool) {
+	if len(modes) == 0 {
+		return []int64{}, []bool{}
+	}
+	all := hashKey("tasking/dispatch-all", schema, "")
+	if len(modes) > maxDispatchLocks {
+		return []int64{all}, []bool{true}
+	}
+	keys := make([]int64, 0, len(modes)+1)
+	for k := range modes {
+		keys = append(keys, k)
+	}
+	sort.Slice(keys, func(i, j int) bool { return keys[i] < keys[j] })
+	keys = append([]int64{all}, keys...)
+	excl := make([]bool, len(keys))
+	for i, k := range keys[1:] {
+		excl[i+1] = modes[k]
+	}
+	return keys, excl
 }
 
 func marshalArgs(args any) ([]byte, error) {

@@ -53,7 +53,9 @@ CREATE TABLE {{schema}}.workers (
 -- dispatch inserts a batch of tasks in one round trip. Before drawing seq it
 -- takes a transaction-scoped advisory lock per resource (exclusive for
 -- exclusive names, shared for shared ones), in the order given, which the
--- caller sorts by key so concurrent dispatches never deadlock. A dispatch that
+-- caller sorts by key so concurrent dispatches never deadlock (the caller
+-- also puts a schema-wide key first, which a batch naming very many
+-- resources takes exclusively instead of filling the server's lock table). A dispatch that
 -- conflicts with one still in flight therefore waits for it to commit and then
 -- draws a larger seq: for conflicting tasks commit order equals seq order.
 -- p_excl and p_shared are JSON arrays holding one array of names per task.
