@@ -51,6 +51,8 @@ type run struct {
 	taken   *admit.Taken
 	entries []admit.Entry
 	cands   []admit.Entry
+	deep    []admit.Entry // candidates past the first page, kept between cycles (see fillDeep)
+	deepAt  time.Time
 }
 
 type activeTask struct {

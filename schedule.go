@@ -23,6 +23,8 @@ const (
 	drainGiveUp  = 30 * time.Second
 	retryLimit   = 4
 	cycleTimeout = 30 * time.Second
+	deepKeep     = 32                     // candidates a deep scan keeps, per free slot
+	deepTTL      = 500 * time.Millisecond // how long they are used before a fresh deep scan
 )
 
 // schedule is the scheduler loop: one admission cycle per wake-up or poll
@@ -198,19 +200,69 @@ func (r *run) scan(ctx context.Context, free int) ([]admit.Entry, error) {
 	r.taken.Reset()
 	r.cands = r.cands[:0]
 	page := min(2*free+windowMargin, maxPage)
-
-	err := r.readFirstPage(ctx, page)
+	if err := r.readFirstPage(ctx, page); err != nil {
+		return nil, err
+	}
 	want := 2 * free
-	for err == nil {
-		r.cands, _ = admit.Walk(r.entries, r.taken, r.handles, want, r.cands)
-		if len(r.cands) >= want || len(r.entries) < page {
+	r.cands, _ = admit.Walk(r.entries, r.taken, r.handles, want, r.cands)
+	if len(r.cands) >= want || len(r.entries) < page {
+		return spread(r.cands, free), nil
+	}
+	// Too few candidates near the head: take them from past it.
+	last := r.entries[len(r.entries)-1].ID
+	if err := r.fillDeep(ctx, last, want-len(r.cands), free); err != nil {
+		return nil, err
+	}
+	for len(r.cands) < want && len(r.deep) > 0 {
+		e := r.deep[0]
+		r.deep = r.deep[1:]
+		if e.ID > last && r.taken.Admissible(e.Exclusive, e.Shared) {
+			r.cands = append(r.cands, e)
+			r.taken.Add(e.Exclusive, e.Shared)
+		}
+	}
+	return spread(r.cands, free), nil
+}
+
+// fillDeep makes sure r.deep holds candidates from past the first page
+// (ids above last), scanning deeper pages only when the ones found by an
+// earlier deep scan are used up or too old. That scan continues the walk of
+// the first page and keeps up to deepKeep times the free slots.
+//
+// Keeping candidates between cycles is safe: a task that had no earlier
+// conflicting task when it was scanned cannot get one later. A conflicting
+// task dispatched later draws a larger id, and one with a smaller id that
+// commits later cannot conflict with it (dispatch ordered them: the later
+// one would have waited for that commit). At worst a kept candidate has
+// been claimed or canceled meanwhile; scan drops it when it is seen running
+// (its names are taken), and otherwise the lock or the claim turns it away.
+// What keeping buys: a blocked head of thousands of tasks is read once per
+// refill instead of on every cycle (DESIGN §5.7, P6).
+func (r *run) fillDeep(ctx context.Context, last int64, need, free int) error {
+	if len(r.deep) > 0 && time.Since(r.deepAt) < deepTTL {
+		return nil
+	}
+	r.deep = r.deep[:0]
+	// Walk on copies of the sets: the first page's sets stay for scan.
+	taken := r.taken.Clone()
+	keep := max(deepKeep*free, need)
+	page := min(4*(2*free+windowMargin), maxPage)
+	after := last
+	for {
+		var err error
+		r.entries, err = r.c.readWindow(ctx, after, page, taken, r.entries[:0])
+		if err != nil {
+			return err
+		}
+		r.deep, _ = admit.Walk(r.entries, taken, r.handles, keep, r.deep)
+		if len(r.deep) >= keep || len(r.entries) < page {
 			break
 		}
-		after := r.entries[len(r.entries)-1].ID
+		after = r.entries[len(r.entries)-1].ID
 		page = min(page*4, maxPage)
-		r.entries, err = r.c.readWindow(ctx, after, page, r.entries[:0])
 	}
-	return spread(r.cands, free), err
+	r.deepAt = time.Now()
+	return nil
 }
 
 // spread picks n of the candidates at random. Candidates never conflict with

@@ -25,6 +25,8 @@
 // candidates.
 package admit
 
+import "maps"
+
 // Entry is one waiting task as the walk sees it.
 type Entry struct {
 	ID        int64
@@ -78,6 +80,28 @@ func (t *Taken) Admissible(exclusive, shared []string) bool {
 		}
 	}
 	return true
+}
+
+// Clone returns a copy of the sets.
+func (t *Taken) Clone() *Taken {
+	return &Taken{excl: maps.Clone(t.excl), shared: maps.Clone(t.shared)}
+}
+
+// Sets returns the names taken exclusively, and the names taken in any
+// mode, in no particular order.
+func (t *Taken) Sets() (exclusive, any []string) {
+	exclusive = make([]string, 0, len(t.excl))
+	any = make([]string, 0, len(t.excl)+len(t.shared))
+	for n := range t.excl {
+		exclusive = append(exclusive, n)
+		any = append(any, n)
+	}
+	for n := range t.shared {
+		if _, ok := t.excl[n]; !ok {
+			any = append(any, n)
+		}
+	}
+	return exclusive, any
 }
 
 // Len reports the sizes of the two sets added together (a name taken in
