@@ -104,6 +104,29 @@ func (t *Taken) Sets() (exclusive, any []string) {
 	return exclusive, any
 }
 
+// Redundant reports whether the walk would pass over e without learning
+// anything: e conflicts with the taken names, so it is no candidate, and all
+// of its names are taken already in the same mode or a stronger one, so
+// adding them changes no later decision. Skipping such an entry leaves a
+// walk's outcome unchanged. The worker's deeper scan applies the same test
+// on the server (queue.go, window) so that a long blocked head is not
+// shipped to it.
+func (t *Taken) Redundant(e Entry) bool {
+	for _, n := range e.Exclusive {
+		if _, ok := t.excl[n]; !ok {
+			return false
+		}
+	}
+	for _, n := range e.Shared {
+		_, x := t.excl[n]
+		_, s := t.shared[n]
+		if !x && !s {
+			return false
+		}
+	}
+	return !t.Admissible(e.Exclusive, e.Shared)
+}
+
 // Len reports the sizes of the two sets added together (a name taken in
 // both modes counts twice).
 func (t *Taken) Len() int { return len(t.excl) + len(t.shared) }
