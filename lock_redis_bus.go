@@ -63,6 +63,8 @@ type redisBus struct {
 // dispatchChannel is empty: the dispatch statement sends no NOTIFY.
 func (b *redisBus) dispatchChannel() string { return "" }
 
+func (b *redisBus) autocommitChannel() string { return "" }
+
 func (b *redisBus) dispatched(ctx context.Context) { b.publish(ctx, "dispatch wake-up", "w") }
 
 func (b *redisBus) released(ctx context.Context) { b.publish(ctx, "release wake-up", "w") }

@@ -173,7 +173,7 @@ func hashKey(space, ns, name string) int64 {
 	return int64(binary.BigEndian.Uint64(h.Sum(sum[:0])))
 }
 
-func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch) ([]*Task, error) {
+func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch, autocommit bool) ([]*Task, error) {
 	names := make([]string, len(b.specs))
 	excl := make([][]string, len(b.specs))
 	shared := make([][]string, len(b.specs))
@@ -185,8 +185,12 @@ func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch) ([]*T
 	}
 	exclJSON, _ := json.Marshal(excl)
 	sharedJSON, _ := json.Marshal(shared)
+	channel := c.bus.dispatchChannel()
+	if autocommit {
+		channel = c.bus.autocommitChannel()
+	}
 	rows, err := db.Query(ctx, c.q.dispatch, names, args, string(exclJSON), string(sharedJSON), timeouts,
-		b.lockKeys, b.lockExcl, c.bus.dispatchChannel())
+		b.lockKeys, b.lockExcl, channel)
 	if err != nil {
 		return nil, dispatchErr(err)
 	}

@@ -348,7 +348,7 @@ func (c *Client) dispatch(ctx context.Context, db querier, specs []TaskSpec, aut
 	if err := c.checkSchema(ctx); err != nil {
 		return nil, err
 	}
-	tasks, err := c.insert(ctx, db, batch)
+	tasks, err := c.insert(ctx, db, batch, autocommit)
 	if err != nil {
 		return nil, err
 	}

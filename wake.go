@@ -20,6 +20,9 @@ type wakeBus interface {
 	// dispatchChannel is the NOTIFY channel the dispatch statement signals
 	// on commit, or "" when the bus wakes workers some other way.
 	dispatchChannel() string
+	// autocommitChannel is dispatchChannel for autocommitted dispatches,
+	// which are followed by dispatched().
+	autocommitChannel() string
 	// dispatched is called after an autocommitted dispatch.
 	dispatched(ctx context.Context)
 	// released is called after a worker released resources.
@@ -66,14 +69,57 @@ func notifyChannel(schema string) string {
 }
 
 // pgBus wakes workers with LISTEN/NOTIFY.
+//
+// A dispatch in the caller's transaction NOTIFYs from inside it, so the
+// wake-up goes out exactly when the caller commits. An autocommitted
+// dispatch does not: PostgreSQL serialises the commits of transactions that
+// NOTIFY (they queue on one global lock), which capped concurrent
+// dispatchers at a few thousand tasks/s. It sends its wake-up after the
+// commit instead, coalesced: at most one NOTIFY in flight per client, and
+// one more after it if dispatches committed meanwhile, so every commit is
+// followed by a NOTIFY sent after it.
 type pgBus struct {
 	c       *Client
 	channel string
+
+	mu      sync.Mutex
+	sending bool // a coalesced NOTIFY is in flight
+	again   bool // a dispatch committed since it was sent
 }
 
 func (b *pgBus) dispatchChannel() string { return b.channel }
 
-func (b *pgBus) dispatched(context.Context) {} // the dispatch statement notified
+// autocommitChannel: autocommitted dispatches notify after their commit.
+func (b *pgBus) autocommitChannel() string { return "" }
+
+func (b *pgBus) dispatched(context.Context) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.sending {
+		b.again = true
+		return
+	}
+	b.sending = true
+	go b.sendDispatched()
+}
+
+func (b *pgBus) sendDispatched() {
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		if err := b.notify(ctx); err != nil {
+			b.c.log.Warn("tasking: dispatch wake-up not sent; workers will find the task on their next poll", "err", err)
+		}
+		cancel()
+		b.mu.Lock()
+		if !b.again {
+			b.sending = false
+			b.mu.Unlock()
+			return
+		}
+		b.again = false
+		b.mu.Unlock()
+	}
+}
 
 func (b *pgBus) canceled(context.Context, int64) {} // the cancel statement notified
 
