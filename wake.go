@@ -81,10 +81,7 @@ func notifyChannel(schema string) string {
 type pgBus struct {
 	c       *Client
 	channel string
-
-	mu      sync.Mutex
-	sending bool // a coalesced NOTIFY is in flight
-	again   bool // a dispatch committed since it was sent
+	wakeup  coalescer
 }
 
 func (b *pgBus) dispatchChannel() string { return b.channel }
@@ -93,32 +90,45 @@ func (b *pgBus) dispatchChannel() string { return b.channel }
 func (b *pgBus) autocommitChannel() string { return "" }
 
 func (b *pgBus) dispatched(context.Context) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.sending {
-		b.again = true
-		return
-	}
-	b.sending = true
-	go b.sendDispatched()
-}
-
-func (b *pgBus) sendDispatched() {
-	for {
+	b.wakeup.ask(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
 		if err := b.notify(ctx); err != nil {
 			b.c.log.Warn("tasking: dispatch wake-up not sent; workers will find the task on their next poll", "err", err)
 		}
-		cancel()
-		b.mu.Lock()
-		if !b.again {
-			b.sending = false
-			b.mu.Unlock()
-			return
-		}
-		b.again = false
-		b.mu.Unlock()
+	})
+}
+
+// coalescer runs a send at most once at a time, and once more after it if
+// asked again meanwhile: every ask is followed by a send that started after
+// it, and a burst of asks costs two sends, not one each.
+type coalescer struct {
+	mu      sync.Mutex
+	sending bool // a send is in flight
+	again   bool // asked since it started
+}
+
+func (c *coalescer) ask(send func()) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.sending {
+		c.again = true
+		return
 	}
+	c.sending = true
+	go func() {
+		for {
+			send()
+			c.mu.Lock()
+			if !c.again {
+				c.sending = false
+				c.mu.Unlock()
+				return
+			}
+			c.again = false
+			c.mu.Unlock()
+		}
+	}()
 }
 
 func (b *pgBus) canceled(context.Context, int64) {} // the cancel statement notified
