@@ -3,7 +3,6 @@ package bench
 import (
 	"bufio"
 	"context"
-	"fmt"
 	"os"
 	"strconv"
 	"strings"
@@ -239,11 +238,4 @@ func machineCPU() (busy, total float64) {
 		}
 	}
 	return busy, total
-}
-
-func fmtDur(d time.Duration) string {
-	if d < time.Second {
-		return fmt.Sprintf("%dms", d.Milliseconds())
-	}
-	return d.Round(100 * time.Millisecond).String()
 }
