@@ -23,8 +23,12 @@ const (
 	drainGiveUp  = 30 * time.Second
 	retryLimit   = 4
 	cycleTimeout = 30 * time.Second
-	deepKeep     = 32                     // candidates a deep scan keeps, per free slot
-	deepTTL      = 500 * time.Millisecond // how long they are used before a fresh deep scan
+	// A wake-up within coalesceWindow of a cycle that started fewer than
+	// smallCycle tasks waits for the window to end (see schedule).
+	coalesceWindow = 2 * time.Millisecond
+	smallCycle     = 8
+	deepKeep       = 32                     // candidates a deep scan keeps, per free slot
+	deepTTL        = 500 * time.Millisecond // how long they are used before a fresh deep scan
 )
 
 // schedule is the scheduler loop: one admission cycle per wake-up or poll
@@ -35,12 +39,26 @@ func (r *run) schedule(ctx context.Context) {
 	retries := 0
 	failing := false
 	backoff := 10 * time.Millisecond
+	var lastEnd time.Time // when the last cycle ended
+	lastStarted := 0      // and how many tasks it started
 	for {
 		if retries == 0 {
 			select {
 			case <-ctx.Done():
 				return
 			case <-r.wake:
+				// Tasks trickling in one at a time would each cost a cycle
+				// (a scan and a claim). Right after a cycle that started
+				// few tasks, wait out a short window so that the next one
+				// takes everything that arrived meanwhile. An isolated
+				// dispatch, or a busy backlog, is not delayed.
+				if since := time.Since(lastEnd); lastStarted < smallCycle && since < coalesceWindow {
+					sleepCtx(ctx, coalesceWindow-since)
+					select {
+					case <-r.wake:
+					default:
+					}
+				}
 			case <-poll.C:
 				poll.Reset(r.pollEvery())
 			}
@@ -61,8 +79,10 @@ func (r *run) schedule(ctx context.Context) {
 		// statement cut off mid-flight would close the lock connection (and
 		// lose every grant on it) or leave a claim's outcome unknown.
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cycleTimeout)
-		progress, more, err := r.cycle(cctx, free)
+		started, more, err := r.cycle(cctx, free)
 		cancel()
+		progress := started > 0
+		lastEnd, lastStarted = time.Now(), started
 		switch {
 		case err != nil && ctx.Err() != nil:
 			return
@@ -114,13 +134,13 @@ func (r *run) handles(name string) bool {
 // cycle runs one admission: scan and walk the waiting tasks that name
 // resources, ask the locker for the candidates in one round trip, then claim
 // the granted ones, and fill the remaining free slots with tasks that name no
-// resources, in one UPDATE. progress: some task started. more: candidates
-// were denied or lost to other workers while slots stay free.
-func (r *run) cycle(ctx context.Context, free int) (progress, more bool, err error) {
+// resources, in one UPDATE. started: how many tasks started. more:
+// candidates were denied or lost to other workers while slots stay free.
+func (r *run) cycle(ctx context.Context, free int) (started int, more bool, err error) {
 	var lockErr error
 	cands, err := r.scan(ctx, free)
 	if err != nil {
-		return false, false, err
+		return 0, false, err
 	}
 	fences := make(map[int64]int64, len(cands))
 	if len(cands) > 0 {
@@ -148,7 +168,7 @@ func (r *run) cycle(ctx context.Context, free int) (progress, more bool, err err
 
 	rows, err := r.c.claim(ctx, r.id, ids, r.names, free-len(ids))
 	if err != nil {
-		return false, false, r.recoverClaim(ctx, ids, err)
+		return 0, false, r.recoverClaim(ctx, ids, err)
 	}
 	claimedRes := 0
 	for _, row := range rows {
@@ -172,7 +192,7 @@ func (r *run) cycle(ctx context.Context, free int) (progress, more bool, err err
 			r.log.Warn("tasking: release unused grants", "err", err)
 		}
 	}
-	return len(rows) > 0, len(rows) < free && len(cands) > claimedRes, lockErr
+	return len(rows), len(rows) < free && len(cands) > claimedRes, lockErr
 }
 
 // recoverClaim handles a claim that failed, perhaps after committing (the
