@@ -75,9 +75,9 @@ func notifyChannel(schema string) string {
 // dispatch does not: PostgreSQL serialises the commits of transactions that
 // NOTIFY (they queue on one global lock), which capped concurrent
 // dispatchers at a few thousand tasks/s. It sends its wake-up after the
-// commit instead, coalesced: at most one NOTIFY in flight per client, and
-// one more after it if dispatches committed meanwhile, so every commit is
-// followed by a NOTIFY sent after it.
+// commit instead, coalesced: at most one NOTIFY in flight per client, at
+// least notifySpacing apart, and one more after it if dispatches committed
+// meanwhile, so every commit is followed by a NOTIFY sent after it.
 type pgBus struct {
 	c       *Client
 	channel string
@@ -96,8 +96,15 @@ func (b *pgBus) dispatched(context.Context) {
 		if err := b.notify(ctx); err != nil {
 			b.c.log.Warn("tasking: dispatch wake-up not sent; workers will find the task on their next poll", "err", err)
 		}
+		// Space them out: thousands of NOTIFY commits a second stall
+		// PostgreSQL now and then (stream, 3,600 tasks/s: dispatch-to-start
+		// p99 56 ms, 7 ms with this spacing).
+		time.Sleep(notifySpacing)
 	})
 }
+
+// notifySpacing is the least time between two dispatch NOTIFYs of a client.
+const notifySpacing = time.Millisecond
 
 // coalescer runs a send at most once at a time, and once more after it if
 // asked again meanwhile: every ask is followed by a send that started after
