@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 
@@ -71,3 +73,23 @@ func ctxT(t testing.TB, d time.Duration) context.Context {
 }
 
 func errorsIs(err, target error) bool { return errors.Is(err, target) }
+
+// ghostWorker adds the row a crashed worker leaves behind: it stopped
+// heartbeating an hour ago.
+func ghostWorker(t testing.TB, pool *pgxpool.Pool, schema, locker string) int64 {
+	t.Helper()
+	var id int64
+	require.NoError(t, pool.QueryRow(context.Background(), `INSERT INTO `+pgx.Identifier{schema}.Sanitize()+
+		`.workers (name, host, pid, locker, heartbeat_at)
+		VALUES ('ghost', 'elsewhere', 1, $1, now() - interval '1 hour') RETURNING id`, locker).Scan(&id))
+	return id
+}
+
+// ownTask puts a task in state, owned by worker, as that worker's claim
+// (and a cancel) would have left it.
+func ownTask(t testing.TB, pool *pgxpool.Pool, schema string, worker, task int64, state tasking.State) {
+	t.Helper()
+	_, err := pool.Exec(context.Background(), `UPDATE `+pgx.Identifier{schema}.Sanitize()+
+		`.tasks SET state = $1, worker_id = $2, epoch = 1 WHERE id = $3`, string(state), worker, task)
+	require.NoError(t, err)
+}

@@ -496,14 +496,10 @@ func TestRedisCleanupFreesDeadWorkersGrants(t *testing.T) {
 	c := newClient(t, tasking.WithLocker(locker))
 	pool := testdb.Pool(t, 2)
 	ctx := ctxT(t, 30*time.Second)
-	q := pgx.Identifier{c.Schema()}.Sanitize()
-	var dead int64
-	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO `+q+`.workers (name, host, pid, locker, heartbeat_at)
-		VALUES ('ghost', 'elsewhere', 1, 'redis', now() - interval '1 hour') RETURNING id`).Scan(&dead))
+	dead := ghostWorker(t, pool, c.Schema(), "redis")
 	held, err := c.Dispatch(ctx, "t", nil, tasking.Exclusive("x"))
 	require.NoError(t, err)
-	_, err = pool.Exec(ctx, `UPDATE `+q+`.tasks SET state = 'running', worker_id = $1, epoch = 1 WHERE id = $2`, dead, held.ID)
-	require.NoError(t, err)
+	ownTask(t, pool, c.Schema(), dead, held.ID, tasking.StateRunning)
 	ghost, err := locker.Open(ctx, tasking.LockSessionConfig{Worker: dead, Schema: c.Schema(), Logger: quietLogger(),
 		OnLost: func([]tasking.Owner, error) {}})
 	require.NoError(t, err)
