@@ -250,4 +250,16 @@ func TestDispatchManyResources(t *testing.T) {
 	ts := <-got
 	require.Len(t, ts, len(specs))
 	require.Greater(t, ts[0].ID, first.ID)
+
+	// In a transaction we can look at: such a batch holds one advisory
+	// lock, not one per resource.
+	tx2, err := pool.Begin(ctx)
+	require.NoError(t, err)
+	defer tx2.Rollback(ctx)
+	_, err = c.DispatchManyTx(ctx, tx2, specs...)
+	require.NoError(t, err)
+	var held int
+	require.NoError(t, tx2.QueryRow(ctx, `SELECT count(*) FROM pg_locks
+		WHERE pid = pg_backend_pid() AND locktype = 'advisory'`).Scan(&held))
+	require.Equal(t, 1, held)
 }

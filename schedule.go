@@ -490,11 +490,18 @@ func (r *run) finishBatch(batch []outcome) {
 	r.c.waits.poke()
 }
 
+// releaseNotifier is a lock session that can send the release wake-up
+// (NOTIFY on channel) in the same round trip as the release itself, and
+// only when the release freed something on the server.
+type releaseNotifier interface {
+	releaseAndNotify(ctx context.Context, owners []Owner, channel string) error
+}
+
 // release drops grants and wakes the workers that may be waiting for them.
 func (r *run) release(ctx context.Context, owners []Owner) {
-	if pg, ok := r.lock.(*pgSession); ok {
+	if rn, ok := r.lock.(releaseNotifier); ok {
 		if ch := r.c.bus.dispatchChannel(); ch != "" {
-			if err := pg.releaseAndNotify(ctx, owners, ch); err != nil {
+			if err := rn.releaseAndNotify(ctx, owners, ch); err != nil {
 				r.log.Warn("tasking: release locks", "err", err)
 			}
 			return
