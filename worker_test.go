@@ -3,7 +3,6 @@ package tasking_test
 import (
 	"context"
 	"errors"
-	"fmt"
 	"testing"
 	"time"
 
@@ -142,8 +141,10 @@ func TestPostgresLockLost(t *testing.T) {
 
 	// Kill the worker's lock connection, which holds the task's lock.
 	var killed bool
+	// Worker ids repeat across schemas (parallel tests): match the whole
+	// name, which carries the schema too.
 	err = pool.QueryRow(ctx, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-		WHERE application_name LIKE $1`, fmt.Sprintf("tasking lock %d %%", w.ID())).Scan(&killed)
+		WHERE application_name = $1`, tasking.LockAppName(c.Schema(), w.ID())).Scan(&killed)
 	require.NoError(t, err)
 	require.True(t, killed)
 
