@@ -339,7 +339,7 @@ func injectTerminate(fx *faultRun) {
 		prev = victim
 		busy, holding := victim.busy()
 		at := time.Now()
-		lockName := fmt.Sprintf("tasking lock %d ", victim.workerID) // then the schema's hash
+		lockName := fmt.Sprintf("tasking worker %d ", victim.workerID) // then the schema's hash
 		names, err := fx.pg.TerminateBackends("application_name = $1 OR application_name LIKE $2",
 			victim.name, lockName+"%")
 		if err != nil {

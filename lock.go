@@ -45,6 +45,10 @@ type LockSessionConfig struct {
 	// session has lost (connection gone, lease expired). The worker cancels
 	// those tasks and fails them with [ErrLockLost]. It must not block.
 	OnLost func(owners []Owner, cause error)
+
+	// conn is the worker's own connection, on which the PostgreSQL locker
+	// holds its session locks (one connection per worker process).
+	conn *workerConn
 }
 
 // LockSession is one Worker's connection to a ResourceLocker.
@@ -63,6 +67,25 @@ type LockSession interface {
 
 	// Close releases everything the session holds and frees its resources.
 	Close(ctx context.Context) error
+}
+
+// A LeaseChecker is a LockSession whose grants are leases that can run out
+// before the session notices, for example while the process was paused (the
+// Redis locker). The worker calls CheckLease when a handler returns, before
+// it writes the task's final state; if the lease may have run out, the
+// session reports the grant through OnLost, and the task fails with
+// [ErrLockLost] instead of completing.
+type LeaseChecker interface {
+	CheckLease(o Owner)
+}
+
+// A WorkerFreer is a LockSession that can free the grants of worker
+// instances that cleanup declared gone, at once, rather than when their
+// leases run out or their connections close. The worker that ran the
+// cleanup calls it with the gone instances' ids (of the session's schema).
+// Grants of other owners must never be touched.
+type WorkerFreer interface {
+	FreeWorkers(ctx context.Context, workers []int64) error
 }
 
 // Owner identifies the holder of a grant: one task run by one worker instance.

@@ -6,11 +6,9 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // PostgresLockerOption configures [NewPostgresLocker].
@@ -53,30 +51,35 @@ var _ ResourceLocker = (*pgLocker)(nil)
 
 type pgLocker struct {
 	check time.Duration
-	pool  atomic.Pointer[pgxpool.Pool] // from the last Open, for freeWorkers
 }
 
 func (l *pgLocker) Kind() string { return "postgres" }
 
 func (l *pgLocker) Open(ctx context.Context, cfg LockSessionConfig) (LockSession, error) {
-	if cfg.Pool == nil {
+	if cfg.Pool == nil && cfg.conn == nil {
 		return nil, errors.New("tasking: postgres locker needs the client's pool")
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	l.pool.Store(cfg.Pool)
 	s := &pgSession{
 		cfg:   cfg,
-		q:     newQueries(cfg.Schema),
+		conn:  cfg.conn,
 		table: make(map[int64]*pgHeld),
 		owned: make(map[Owner][]int64),
 		stop:  make(chan struct{}),
 	}
-	s.mu.Lock()
-	err := s.connect(ctx)
-	s.mu.Unlock()
-	if err != nil {
+	sc := pgx.Identifier{cfg.Schema}.Sanitize()
+	s.lockSQL = `SELECT req, fence FROM ` + sc + `.lock_batch($1, $2, $3, $4, $5)`
+	s.unlockSQL = `SELECT count(*) FROM ` + sc + `.lock_batch($1, $2, '{}', '{}', '{}')`
+	if s.conn == nil { // a session of its own, outside a worker
+		s.conn = newWorkerConn(cfg.Pool, workerAppName(cfg.Schema, cfg.Worker))
+		s.own = true
+	}
+	if err := s.checkSession(ctx); err != nil {
+		if s.own {
+			s.conn.close(ctx)
+		}
 		return nil, err
 	}
 	s.wg.Add(1)
@@ -84,29 +87,50 @@ func (l *pgLocker) Open(ctx context.Context, cfg LockSessionConfig) (LockSession
 	return s, nil
 }
 
-// lockAppName names a worker's lock connection in pg_stat_activity:
-// "tasking lock <worker id> <schema hash>". Worker ids are unique only within
-// a schema, and application_name is cut at 63 bytes, hence the short hash.
-func lockAppName(schema string, worker int64) string {
-	return fmt.Sprintf("tasking lock %d %016x", worker, uint64(hashKey("tasking/app", schema, "")))
+// errPoolingProxy: the connection's backend changes between statements.
+var errPoolingProxy = errors.New("tasking: the PostgreSQL locker needs a session, but the connection's backend changes " +
+	"between statements (a transaction-pooling proxy such as PgBouncer?); connect directly or in session pooling mode, " +
+	"or use the Redis locker")
+
+// checkSession reads the backend's pid a few times: behind a
+// transaction-pooling proxy it changes, and session locks would be dropped
+// at random.
+func (s *pgSession) checkSession(ctx context.Context) error {
+	var first uint32
+	for i := 0; i < 3; i++ {
+		var pid uint32
+		if err := s.conn.QueryRow(ctx, "SELECT pg_backend_pid()").Scan(&pid); err != nil {
+			return fmt.Errorf("tasking: open lock session: %w", err)
+		}
+		if i == 0 {
+			first = pid
+		} else if pid != first {
+			return errPoolingProxy
+		}
+	}
+	s.mu.Lock()
+	s.pid, s.gen = first, s.conn.generation()
+	s.mu.Unlock()
+	return nil
 }
 
-// freeWorkers ends the lock connections of dead worker instances, so the
-// server drops their locks now. A worker that crashed has lost its
-// connection already; this matters for one that is paused or cut off by a
-// partition, whose connection would otherwise hold its locks until TCP
-// gives up. If it comes back, its lock check finds the connection gone and
-// cancels its handlers ("lock lost"); cleanup has already failed its tasks.
-func (l *pgLocker) freeWorkers(ctx context.Context, schema string, workers []int64) error {
+var (
+	_ LockSession = (*pgSession)(nil)
+	_ WorkerFreer = (*pgSession)(nil)
+)
+
+// FreeWorkers ends the connections of dead worker instances, so the server
+// drops their locks now. A worker that crashed has lost its connection
+// already; this matters for one that is paused or cut off by a partition,
+// whose connection would otherwise hold its locks until TCP gives up. If it
+// comes back, its lock check finds the connection gone and cancels its
+// handlers ("lock lost"); cleanup has already failed its tasks.
+func (s *pgSession) FreeWorkers(ctx context.Context, workers []int64) error {
 	names := make([]string, len(workers))
 	for i, w := range workers {
-		names[i] = lockAppName(schema, w)
+		names[i] = workerAppName(s.cfg.Schema, w)
 	}
-	pool := l.pool.Load()
-	if pool == nil {
-		return nil
-	}
-	_, err := pool.Exec(ctx, `SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
+	_, err := s.conn.Exec(ctx, `SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
 		WHERE application_name = ANY($1) AND pid <> pg_backend_pid()`, names)
 	return err
 }
@@ -116,12 +140,19 @@ type pgHeld struct {
 	holders   int
 }
 
+// pgSession holds its locks on the worker's connection (workerConn), which
+// the worker's statements share: the locks live exactly as long as that
+// connection. When the connection is replaced (gen changes) or its backend
+// changes, every grant is lost.
 type pgSession struct {
-	cfg LockSessionConfig
-	q   queries
+	cfg       LockSessionConfig
+	conn      *workerConn
+	own       bool // conn is the session's own
+	lockSQL   string
+	unlockSQL string
 
 	mu    sync.Mutex
-	conn  *pgx.Conn // nil after a failure until the next call reconnects
+	gen   uint64 // the connection the grants live on
 	pid   uint32
 	table map[int64]*pgHeld
 	owned map[Owner][]int64
@@ -131,34 +162,10 @@ type pgSession struct {
 	wg   sync.WaitGroup
 }
 
-// connect opens the lock connection. Caller holds mu.
-func (s *pgSession) connect(ctx context.Context) error {
-	cc := s.cfg.Pool.Config().ConnConfig.Copy()
-	// Named so operators (and tests) can tell a worker's lock session apart.
-	cc.RuntimeParams["application_name"] = lockAppName(s.cfg.Schema, s.cfg.Worker)
-	conn, err := pgx.ConnectConfig(ctx, cc)
-	if err != nil {
-		return fmt.Errorf("tasking: open lock connection: %w", err)
-	}
-	var pid uint32
-	if err := conn.QueryRow(ctx, "SELECT pg_backend_pid()").Scan(&pid); err != nil {
-		conn.Close(ctx)
-		return fmt.Errorf("tasking: open lock connection: %w", err)
-	}
-	s.conn, s.pid = conn, pid
-	return nil
-}
-
-// fail drops the connection and every grant: the server released the
-// session's locks, or will when it notices. Caller holds mu; the returned
-// func reports the loss and must be called after unlocking.
+// fail forgets every grant: the server released the session's locks, or
+// will when it notices. Caller holds mu; the returned func reports the loss
+// and must be called after unlocking.
 func (s *pgSession) fail(cause error) func() {
-	if s.conn != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		s.conn.Close(ctx)
-		cancel()
-		s.conn = nil
-	}
 	lost := make([]Owner, 0, len(s.owned))
 	for o := range s.owned {
 		lost = append(lost, o)
@@ -171,16 +178,15 @@ func (s *pgSession) fail(cause error) func() {
 	return func() { s.cfg.OnLost(lost, cause) }
 }
 
-// failIfBroken drops the session when err left the connection closed: a
-// statement cut off mid-flight (context canceled, network gone) closes it,
-// and the server then drops its locks. An error that left the connection
-// open (a context done before anything was sent, an SQL error) changed
-// nothing on the server. Caller holds mu.
-func (s *pgSession) failIfBroken(err error) func() {
-	if s.conn != nil && !s.conn.IsClosed() {
-		return func() {}
+// current checks, on conn, that the grants still live on it: the same
+// connection and backend. Caller holds mu.
+func (s *pgSession) current(conn *pgx.Conn) func() {
+	if g := s.conn.generation(); g != s.gen {
+		s.gen = g
+		s.pid = conn.PgConn().PID()
+		return s.fail(fmt.Errorf("%w: the worker's connection was lost", ErrLockLost))
 	}
-	return s.fail(fmt.Errorf("%w: lock connection failed: %v", ErrLockLost, err))
+	return func() {}
 }
 
 // watch checks the connection while grants are held.
@@ -196,17 +202,25 @@ func (s *pgSession) watch(every time.Duration) {
 		}
 		s.mu.Lock()
 		report := func() {}
-		if s.conn != nil && len(s.owned) > 0 {
+		if len(s.owned) > 0 {
 			ctx, cancel := context.WithTimeout(context.Background(), every)
-			var pid uint32
-			err := s.conn.QueryRow(ctx, "SELECT pg_backend_pid()").Scan(&pid)
+			err := s.conn.use(ctx, func(conn *pgx.Conn) error {
+				if report = s.current(conn); len(s.owned) == 0 {
+					return nil
+				}
+				var pid uint32
+				if err := conn.QueryRow(ctx, "SELECT pg_backend_pid()").Scan(&pid); err != nil {
+					return err
+				}
+				if pid != s.pid {
+					s.err = errPoolingProxy
+					report = s.fail(fmt.Errorf("%w: %v", ErrLockLost, s.err))
+				}
+				return nil
+			})
 			cancel()
-			switch {
-			case err != nil:
+			if err != nil {
 				report = s.fail(fmt.Errorf("%w: lock connection failed: %v", ErrLockLost, err))
-			case pid != s.pid:
-				s.err = errors.New("tasking: lock connection changed backend (transaction-pooling proxy?); advisory locks need a session")
-				report = s.fail(fmt.Errorf("%w: %v", ErrLockLost, s.err))
 			}
 		}
 		s.mu.Unlock()
@@ -222,13 +236,27 @@ func (s *pgSession) TryAcquire(ctx context.Context, reqs []LockRequest) ([]int64
 	if s.err != nil {
 		return nil, s.err
 	}
-	if s.conn == nil {
-		if err := s.connect(ctx); err != nil {
-			return nil, err
+	broken := false
+	err := s.conn.use(ctx, func(conn *pgx.Conn) error {
+		report = s.current(conn)
+		err := s.acquire(ctx, conn, reqs, fences)
+		broken = err != nil && conn.IsClosed()
+		return err
+	})
+	if err != nil {
+		if broken {
+			lost := s.fail(fmt.Errorf("%w: lock connection failed: %v", ErrLockLost, err))
+			prev := report
+			report = func() { prev(); lost() }
 		}
+		return nil, fmt.Errorf("tasking: acquire locks: %w", err)
 	}
+	return fences, nil
+}
 
-	// Decide what the local table can, and build the server's rows.
+// acquire decides what the local table can, asks the server for the rest in
+// one round trip, and records the grants. Caller holds mu and conn.
+func (s *pgSession) acquire(ctx context.Context, conn *pgx.Conn, reqs []LockRequest, fences []int64) error {
 	var rReq []int32
 	var rKey []*int64
 	var rExcl []bool
@@ -244,7 +272,7 @@ func (s *pgSession) TryAcquire(ctx context.Context, reqs []LockRequest) ([]int64
 			if _, held := s.table[k]; held {
 				ok = false
 			} else if _, asked := batch[k]; asked {
-				ok = false // defensive: the walk never sends conflicting requests
+				ok = false // defensive: ready tasks never conflict with each other
 			}
 		}
 		for _, n := range r.Shared {
@@ -274,9 +302,9 @@ func (s *pgSession) TryAcquire(ctx context.Context, reqs []LockRequest) ([]int64
 		}
 	}
 	if len(rReq) == 0 {
-		return fences, nil
+		return nil
 	}
-	rows, err := s.conn.Query(ctx, s.q.lock, []int64{}, []bool{}, rReq, rKey, rExcl)
+	rows, err := conn.Query(ctx, s.lockSQL, []int64{}, []bool{}, rReq, rKey, rExcl)
 	if err == nil {
 		for rows.Next() {
 			var req int32
@@ -292,8 +320,8 @@ func (s *pgSession) TryAcquire(ctx context.Context, reqs []LockRequest) ([]int64
 		}
 	}
 	if err != nil {
-		report = s.undoFailedAcquire(ctx, rKey, rExcl, err)
-		return nil, fmt.Errorf("tasking: acquire locks: %w", err)
+		clear(fences)
+		return s.undoFailedAcquire(ctx, conn, rKey, rExcl, err)
 	}
 	for i, r := range reqs {
 		if fences[i] == 0 {
@@ -308,20 +336,39 @@ func (s *pgSession) TryAcquire(ctx context.Context, reqs []LockRequest) ([]int64
 		}
 		s.owned[r.Owner] = append(s.owned[r.Owner], keys[i]...)
 	}
-	return fences, nil
+	return nil
+}
+
+// undoFailedAcquire releases what a failed lock_batch may have taken before
+// it failed: session-level advisory locks survive the error of the statement
+// that took them (a full lock table, a statement timeout). Those are the
+// keys the call asked the server for; unlocking one it did not get is a
+// no-op. If even that fails, the connection is closed, which releases all.
+// It returns cause. Caller holds mu and conn.
+func (s *pgSession) undoFailedAcquire(ctx context.Context, conn *pgx.Conn, keys []*int64, excl []bool, cause error) error {
+	if conn.IsClosed() {
+		return cause
+	}
+	var uk []int64
+	var ux []bool
+	for i, k := range keys {
+		if k != nil {
+			uk, ux = append(uk, *k), append(ux, excl[i])
+		}
+	}
+	if len(uk) == 0 {
+		return cause
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	if _, err := conn.Exec(ctx, s.unlockSQL, uk, ux); err != nil {
+		conn.Close(ctx) // drops every lock of the session; the grants are reported lost
+		return fmt.Errorf("%w (and could not undo it: %v)", cause, err)
+	}
+	return cause
 }
 
 func (s *pgSession) Release(ctx context.Context, owners []Owner) error {
-	return s.release(ctx, owners, "")
-}
-
-// releaseAndNotify releases and, when that freed a name on the server,
-// sends a NOTIFY on channel in the same round trip.
-func (s *pgSession) releaseAndNotify(ctx context.Context, owners []Owner, channel string) error {
-	return s.release(ctx, owners, channel)
-}
-
-func (s *pgSession) release(ctx context.Context, owners []Owner, channel string) error {
 	s.mu.Lock()
 	report := func() {}
 	defer func() { s.mu.Unlock(); report() }()
@@ -346,57 +393,34 @@ func (s *pgSession) release(ctx context.Context, owners []Owner, channel string)
 			left[k] = n
 		}
 	}
-	if len(keys) > 0 && s.conn != nil {
-		var err error
-		if channel == "" {
-			_, err = s.conn.Exec(ctx, s.q.unlock, keys, excl)
-		} else {
-			_, err = s.conn.Exec(ctx, s.q.unlockNotify, keys, excl, channel)
-		}
+	if len(keys) > 0 {
+		broken := false
+		err := s.conn.use(ctx, func(conn *pgx.Conn) error {
+			if report = s.current(conn); len(s.owned) == 0 {
+				return nil // the connection those locks lived on is gone
+			}
+			_, err := conn.Exec(ctx, s.unlockSQL, keys, excl)
+			broken = err != nil && conn.IsClosed()
+			return err
+		})
 		if err != nil {
-			report = s.failIfBroken(err)
+			if broken {
+				report = s.fail(fmt.Errorf("%w: lock connection failed: %v", ErrLockLost, err))
+			}
 			return fmt.Errorf("tasking: release locks: %w", err)
 		}
 	}
 	for k, n := range left {
 		if n == 0 {
 			delete(s.table, k)
-		} else {
-			s.table[k].holders = n
+		} else if h := s.table[k]; h != nil {
+			h.holders = n
 		}
 	}
 	for _, o := range owners {
 		delete(s.owned, o)
 	}
 	return nil
-}
-
-// undoFailedAcquire releases what a failed lock_batch may have taken before
-// it failed: session-level advisory locks survive the error of the statement
-// that took them (a full lock table, a statement timeout). Those are the
-// keys the call asked the server for; unlocking one it did not get is a
-// no-op. If even that fails, the session is dropped, which releases all.
-// Caller holds mu.
-func (s *pgSession) undoFailedAcquire(ctx context.Context, keys []*int64, excl []bool, cause error) func() {
-	if s.conn == nil || s.conn.IsClosed() {
-		return s.fail(fmt.Errorf("%w: lock connection failed: %v", ErrLockLost, cause))
-	}
-	var uk []int64
-	var ux []bool
-	for i, k := range keys {
-		if k != nil {
-			uk, ux = append(uk, *k), append(ux, excl[i])
-		}
-	}
-	if len(uk) == 0 {
-		return func() {}
-	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
-	defer cancel()
-	if _, err := s.conn.Exec(ctx, s.q.unlock, uk, ux); err != nil {
-		return s.fail(fmt.Errorf("%w: could not undo a failed lock batch: %v", ErrLockLost, err))
-	}
-	return func() {}
 }
 
 func (s *pgSession) Close(ctx context.Context) error {
@@ -409,14 +433,14 @@ func (s *pgSession) Close(ctx context.Context) error {
 	s.wg.Wait()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.conn != nil {
-		// Unlock explicitly: a closed connection's locks are only dropped
-		// once its backend has exited, a moment after Close returns.
+	if len(s.owned) > 0 {
+		// Unlock explicitly: the worker's connection may outlive the session.
 		if _, err := s.conn.Exec(ctx, "SELECT pg_advisory_unlock_all()"); err != nil {
 			s.cfg.Logger.Warn("tasking: unlock on close", "err", err)
 		}
-		s.conn.Close(ctx)
-		s.conn = nil
+	}
+	if s.own {
+		s.conn.close(ctx)
 	}
 	clear(s.table)
 	clear(s.owned)

@@ -82,7 +82,12 @@ func NewRedisLocker(rdb rueidis.Client, opts ...RedisLockerOption) ResourceLocke
 	return l
 }
 
-var _ ResourceLocker = (*redisLocker)(nil)
+var (
+	_ ResourceLocker = (*redisLocker)(nil)
+	_ LockSession    = (*redisSession)(nil)
+	_ LeaseChecker   = (*redisSession)(nil)
+	_ WorkerFreer    = (*redisSession)(nil)
+)
 
 type redisLocker struct {
 	rdb   rueidis.Client
@@ -480,11 +485,11 @@ func (s *redisSession) expireOverdue(cause error) time.Duration {
 	return next
 }
 
-// checkLease gives up o's grant if its lease may have run out without the
+// CheckLease gives up o's grant if its lease may have run out without the
 // session noticing yet (the process was paused, the renewal goroutine
 // starved). The worker calls it when a handler returns, before it decides
 // the task's outcome, so such a task fails rather than completes.
-func (s *redisSession) checkLease(o Owner) {
+func (s *redisSession) CheckLease(o Owner) {
 	s.mu.Lock()
 	g := s.owned[o]
 	overdue := g != nil && !time.Now().Before(g.deadline)
@@ -504,10 +509,13 @@ func (s *redisSession) reportLost(owners []Owner, cause error) {
 	s.cfg.OnLost(owners, cause)
 }
 
-// freeWorkers frees every grant recorded in the owner registries of gone
-// worker instances of the client's schema, for cleanup (run.go). It is
-// compare-and-delete like Release, so grants of other owners are never
-// touched.
+// FreeWorkers frees every grant recorded in the owner registries of gone
+// worker instances of the session's schema. It is compare-and-delete like
+// Release, so grants of other owners are never touched.
+func (s *redisSession) FreeWorkers(ctx context.Context, workers []int64) error {
+	return s.l.freeWorkers(ctx, s.cfg.Schema, workers)
+}
+
 func (l *redisLocker) freeWorkers(ctx context.Context, schema string, workers []int64) error {
 	var errs []error
 	for _, w := range workers {

@@ -37,6 +37,19 @@ func (h *redisHealth) failed(log *slog.Logger, rdb rueidis.Client, what string, 
 	}
 }
 
+// failedWakeup records a failed PUBLISH: workers then find the task on
+// their next poll.
+func (h *redisHealth) failedWakeup(log *slog.Logger, rdb rueidis.Client, what string, err error) {
+	h.mu.Lock()
+	first := !h.down
+	h.down = true
+	h.mu.Unlock()
+	if first {
+		log.Warn("tasking: redis unreachable; "+what+" not sent, workers find tasks on their next poll",
+			"addr", redisAddr(rdb), "err", err)
+	}
+}
+
 func (h *redisHealth) ok(log *slog.Logger) {
 	h.mu.Lock()
 	was := h.down
@@ -54,31 +67,52 @@ func (l *redisLocker) newBus(c *Client) wakeBus {
 }
 
 // redisBus wakes workers through Redis pub/sub on the namespace's channel.
+//
+// Publishing never holds up the call that asked for it (a Dispatch or Cancel
+// whose database write has committed): wake-ups go out in the background,
+// coalesced, each bounded by publishTimeout. A wake-up that is lost (Redis
+// down or hung) costs latency, not correctness: the workers find the task
+// on their next poll (about once per WithPollInterval across the fleet), and
+// a running task whose cancel signal was lost is canceled by its worker's
+// next heartbeat.
 type redisBus struct {
 	l       *redisLocker
 	channel string
 	log     *slog.Logger
+	wakeup  coalescer
+	health  redisHealth
 }
+
+// publishTimeout bounds one background PUBLISH.
+const publishTimeout = 2 * time.Second
 
 // dispatchChannel is empty: the dispatch statement sends no NOTIFY.
 func (b *redisBus) dispatchChannel() string { return "" }
 
 func (b *redisBus) autocommitChannel() string { return "" }
 
-func (b *redisBus) dispatched(ctx context.Context) { b.publish(ctx, "dispatch wake-up", "w") }
+func (b *redisBus) listenChannel() string { return "" }
 
-func (b *redisBus) released(ctx context.Context) { b.publish(ctx, "release wake-up", "w") }
+func (b *redisBus) dispatched(context.Context) {
+	b.wakeup.ask(func() { b.publish("wake-up", "w") })
+}
+
+func (b *redisBus) released(ctx context.Context) { b.dispatched(ctx) }
 
 // canceled tells the task's worker, which cancels the handler (the cancel
 // statement sent no NOTIFY: dispatchChannel is empty).
-func (b *redisBus) canceled(ctx context.Context, id int64) {
-	b.publish(ctx, "cancel signal", "c"+strconv.FormatInt(id, 10))
+func (b *redisBus) canceled(_ context.Context, id int64) {
+	go b.publish("cancel signal", "c"+strconv.FormatInt(id, 10))
 }
 
-func (b *redisBus) publish(ctx context.Context, what, msg string) {
-	if err := b.send(ctx, msg); err != nil && ctx.Err() == nil {
-		b.l.health.failed(b.log, b.l.rdb, what, err)
+func (b *redisBus) publish(what, msg string) {
+	ctx, cancel := context.WithTimeout(context.Background(), publishTimeout)
+	defer cancel()
+	if err := b.send(ctx, msg); err != nil {
+		b.health.failedWakeup(b.log, b.l.rdb, what, err)
+		return
 	}
+	b.health.ok(b.log)
 }
 
 func (b *redisBus) notify(ctx context.Context) error { return b.send(ctx, "w") }

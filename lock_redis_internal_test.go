@@ -138,15 +138,15 @@ func TestRedisLeaseCheckAfterPause(t *testing.T) {
 	f, err := s.TryAcquire(ctx, []LockRequest{{Owner: o, Exclusive: []string{"p"}}})
 	require.NoError(t, err)
 	require.Positive(t, f[0])
-	lc := s.(leaseChecker)
-	lc.checkLease(o) // fresh: nothing to report
+	lc := s.(LeaseChecker)
+	lc.CheckLease(o) // fresh: nothing to report
 	select {
 	case <-lost.ch:
 		t.Fatal("a fresh grant was reported lost")
 	default:
 	}
 	time.Sleep(lease) // with renewal paused
-	lc.checkLease(o)
+	lc.CheckLease(o)
 	select {
 	case <-lost.ch:
 	default:

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
 
@@ -136,7 +137,7 @@ func TestOrderingProperty(t *testing.T) {
 				}
 				specs[i] = tasking.Spec("t", map[string]int{"i": i}, tasking.Exclusive(excl...), tasking.Shared(shared...))
 			}
-			ctx := ctxT(t, 3*time.Minute)
+			ctx := ctxT(t, 40*time.Second)
 			var wg sync.WaitGroup
 			for d := 0; d < nDispatchers; d++ {
 				wg.Add(1)
@@ -154,6 +155,7 @@ func TestOrderingProperty(t *testing.T) {
 			select {
 			case <-allDone:
 			case <-ctx.Done():
+				dumpStuck(t, pool, schema)
 				t.Fatalf("seed %d: only %d of %d tasks ran", seed, finished.Load(), nTasks)
 			}
 
@@ -261,4 +263,39 @@ func checkPromise(t *testing.T, seed uint64, tasks []*tasking.Task, events map[i
 		}
 	}
 	t.Logf("seed %d: %d tasks; violations P1=%d P2=%d P4=%d P5=%d", seed, len(tasks), p1, p2, p4, p5)
+}
+
+// dumpStuck logs what the tasks table says when a fleet test stalls.
+func dumpStuck(t *testing.T, pool *pgxpool.Pool, schema string) {
+	ctx := context.Background()
+	q := pgx.Identifier{schema}.Sanitize()
+	rows, err := pool.Query(ctx, `SELECT state, blockers, count(*), min(id) FROM `+q+`.tasks GROUP BY 1, 2 ORDER BY 1, 2`)
+	if err != nil {
+		t.Logf("dump: %v", err)
+		return
+	}
+	for rows.Next() {
+		var st string
+		var b, n, id int64
+		_ = rows.Scan(&st, &b, &n, &id)
+		t.Logf("state %s blockers %d: %d tasks (first %d)", st, b, n, id)
+	}
+	rows.Close()
+	var h int64
+	_ = pool.QueryRow(ctx, `SELECT count(*) FROM `+q+`.handoffs`).Scan(&h)
+	t.Logf("handoffs %d", h)
+	rows, err = pool.Query(ctx, `SELECT l.resource, l.task, l.excl, l.blocked, t.state FROM `+q+`.lines l JOIN `+q+`.tasks t ON t.id = l.task
+		WHERE l.task IN (SELECT min(task) FROM `+q+`.lines GROUP BY resource) ORDER BY 1`)
+	if err != nil {
+		t.Logf("dump: %v", err)
+		return
+	}
+	for rows.Next() {
+		var r, st string
+		var id int64
+		var x, b bool
+		_ = rows.Scan(&r, &id, &x, &b, &st)
+		t.Logf("line %s head %d excl %v blocked %v state %s", r, id, x, b, st)
+	}
+	rows.Close()
 }

@@ -14,15 +14,12 @@ import (
 
 // preparedBatch is a validated, normalised batch ready for insert.
 type preparedBatch struct {
-	specs    []TaskSpec // normalised names
-	args     [][]byte
-	lockKeys []int64 // sorted, one per distinct resource of the batch
-	lockExcl []bool
+	specs []TaskSpec // normalised names
+	args  [][]byte
 }
 
-func prepareBatch(schema string, specs []TaskSpec) (*preparedBatch, error) {
+func prepareBatch(specs []TaskSpec) (*preparedBatch, error) {
 	b := &preparedBatch{specs: make([]TaskSpec, len(specs)), args: make([][]byte, len(specs))}
-	modes := make(map[int64]bool)
 	for i, s := range specs {
 		if err := checkName("task name", s.Name, MaxTaskNameLen); err != nil {
 			return nil, err
@@ -40,51 +37,8 @@ func prepareBatch(schema string, specs []TaskSpec) (*preparedBatch, error) {
 		}
 		b.specs[i] = TaskSpec{Name: s.Name, Exclusive: excl, Shared: shared, Timeout: s.Timeout}
 		b.args[i] = a
-		for _, n := range excl {
-			modes[dispatchKey(schema, n)] = true
-		}
-		for _, n := range shared {
-			k := dispatchKey(schema, n)
-			modes[k] = modes[k] || false
-		}
 	}
-	b.lockKeys, b.lockExcl = dispatchLocks(schema, modes)
 	return b, nil
-}
-
-// maxDispatchLocks is how many per-resource locks one dispatch takes at most.
-// PostgreSQL's lock table is shared by the whole server and small (64 per
-// connection by default): a batch naming thousands of resources would fill
-// it ("out of shared memory") and break other sessions too.
-const maxDispatchLocks = 64
-
-// dispatchLocks returns the advisory locks a dispatch takes before drawing
-// ids, in the order to take them: first one schema-wide key, shared by every
-// dispatch that names resources, then one key per resource, sorted so that
-// concurrent dispatches never deadlock. A batch naming more than
-// maxDispatchLocks resources takes the schema-wide key exclusively instead,
-// which orders it against every other dispatch at the price of making them
-// wait for it. A batch without resources takes nothing: it conflicts with
-// no task.
-func dispatchLocks(schema string, modes map[int64]bool) ([]int64, []bool) {
-	if len(modes) == 0 {
-		return []int64{}, []bool{}
-	}
-	all := hashKey("tasking/dispatch-all", schema, "")
-	if len(modes) > maxDispatchLocks {
-		return []int64{all}, []bool{true}
-	}
-	keys := make([]int64, 0, len(modes)+1)
-	for k := range modes {
-		keys = append(keys, k)
-	}
-	sort.Slice(keys, func(i, j int) bool { return keys[i] < keys[j] })
-	keys = append([]int64{all}, keys...)
-	excl := make([]bool, len(keys))
-	for i, k := range keys[1:] {
-		excl[i+1] = modes[k]
-	}
-	return keys, excl
 }
 
 func marshalArgs(args any) ([]byte, error) {

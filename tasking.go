@@ -234,12 +234,17 @@ func (c *Client) Migrate(ctx context.Context) error {
 // checkSchema fails with ErrNotMigrated or ErrSchemaTooNew when the schema
 // does not match this release. A success is remembered.
 func (c *Client) checkSchema(ctx context.Context) error {
+	return c.checkSchemaOn(ctx, c.pool)
+}
+
+// checkSchemaOn is checkSchema on db.
+func (c *Client) checkSchemaOn(ctx context.Context, db migrate.Querier) error {
 	c.versionMu.Lock()
 	defer c.versionMu.Unlock()
 	if c.checked {
 		return nil
 	}
-	v, err := migrate.Version(ctx, c.pool, c.schema)
+	v, err := migrate.Version(ctx, db, c.schema)
 	switch {
 	case errors.Is(err, migrate.ErrNotMigrated):
 		return fmt.Errorf("%w: schema %q has no tasking tables", ErrNotMigrated, c.schema)
@@ -341,18 +346,18 @@ func (c *Client) dispatch(ctx context.Context, db querier, specs []TaskSpec, aut
 	if len(specs) == 0 {
 		return nil, inputErr("batch", "no tasks to dispatch")
 	}
-	batch, err := prepareBatch(c.schema, specs)
+	batch, err := prepareBatch(specs)
 	if err != nil {
 		return nil, err
 	}
 	if err := c.checkSchema(ctx); err != nil {
 		return nil, err
 	}
-	tasks, err := c.insert(ctx, db, batch, autocommit)
+	tasks, ready, err := c.insert(ctx, db, batch, autocommit)
 	if err != nil {
 		return nil, err
 	}
-	if autocommit {
+	if autocommit && ready {
 		c.bus.dispatched(ctx)
 	}
 	return tasks, nil
@@ -382,12 +387,11 @@ func (c *Client) Cancel(ctx context.Context, id int64) error {
 	if err := c.checkSchema(ctx); err != nil {
 		return err
 	}
-	var state string
-	var err error
-	if ch := c.bus.dispatchChannel(); ch != "" {
-		err = c.pool.QueryRow(ctx, c.q.cancelNotify, id, ch).Scan(&state)
-	} else {
-		err = c.pool.QueryRow(ctx, c.q.cancel, id).Scan(&state)
+	var state *string
+	var ready int
+	err := c.pool.QueryRow(ctx, c.q.cancel, id, c.bus.dispatchChannel()).Scan(&state, &ready)
+	if err == nil && state == nil {
+		err = pgx.ErrNoRows
 	}
 	switch {
 	case errors.Is(err, pgx.ErrNoRows):
@@ -402,8 +406,11 @@ func (c *Client) Cancel(ctx context.Context, id int64) error {
 	case err != nil:
 		return fmt.Errorf("tasking: cancel task %d: %w", id, err)
 	}
-	if State(state) == StateCanceling {
+	if State(*state) == StateCanceling {
 		c.bus.canceled(ctx, id)
+	}
+	if ready > 0 && c.bus.dispatchChannel() == "" {
+		c.bus.released(ctx) // the cancel statement could not wake the workers itself
 	}
 	c.waits.poke()
 	return nil

@@ -8,8 +8,6 @@ import (
 	"strconv"
 	"sync"
 	"time"
-
-	"github.com/jackc/pgx/v5"
 )
 
 // wakeBus carries wake-ups between dispatchers and workers: "a task was
@@ -25,15 +23,19 @@ type wakeBus interface {
 	autocommitChannel() string
 	// dispatched is called after an autocommitted dispatch.
 	dispatched(ctx context.Context)
-	// released is called after a worker released resources.
+	// released is called when tasks became ready that the caller did not
+	// take (a worker's step, a cancel, a cleanup), to wake other workers.
 	released(ctx context.Context)
+	// listenChannel is the channel a worker's connection LISTENs on, or ""
+	// when the bus delivers wake-ups through listen.
+	listenChannel() string
 	// notify wakes the workers now (Client.Notify).
 	notify(ctx context.Context) error
 	// canceled is called after a running task was set canceling, to tell
 	// its worker (a no-op when the cancel statement notified already).
 	canceled(ctx context.Context, id int64)
 	// listen calls wake for every wake-up and cancel for every canceled
-	// task until ctx is done.
+	// task until ctx is done (nothing for a bus whose workers LISTEN).
 	listen(ctx context.Context, wake func(), cancel func(id int64)) error
 }
 
@@ -140,56 +142,20 @@ func (c *coalescer) ask(send func()) {
 
 func (b *pgBus) canceled(context.Context, int64) {} // the cancel statement notified
 
-func (b *pgBus) released(ctx context.Context) {
-	if _, err := b.c.pool.Exec(ctx, "SELECT pg_notify($1, 'r')", b.channel); err != nil && ctx.Err() == nil {
-		b.c.log.Warn("tasking: release wake-up not sent", "err", err)
-	}
-}
+// released: the statements that make tasks ready notify themselves (step,
+// cancel); what is left is the rare cleanup, sent like a dispatch wake-up.
+func (b *pgBus) released(ctx context.Context) { b.dispatched(ctx) }
+
+func (b *pgBus) listenChannel() string { return b.channel }
 
 func (b *pgBus) notify(ctx context.Context) error {
 	_, err := b.c.pool.Exec(ctx, "SELECT pg_notify($1, 'd')", b.channel)
 	return err
 }
 
-// listen holds a dedicated connection in LISTEN, reconnecting with backoff.
-func (b *pgBus) listen(ctx context.Context, wake func(), cancel func(id int64)) error {
-	backoff := 50 * time.Millisecond
-	warned := false
-	for ctx.Err() == nil {
-		err := b.listenOnce(ctx, wake, cancel, func() { backoff = 50 * time.Millisecond; warned = false })
-		if ctx.Err() != nil {
-			break
-		}
-		if !warned {
-			b.c.log.Warn("tasking: LISTEN connection lost; polling until it is back", "err", err)
-			warned = true
-		}
-		wake() // something may have been missed
-		sleepCtx(ctx, jitter(backoff))
-		backoff = min(backoff*2, 5*time.Second)
-	}
-	return nil
-}
-
-func (b *pgBus) listenOnce(ctx context.Context, wake func(), cancel func(id int64), connected func()) error {
-	conn, err := pgx.ConnectConfig(ctx, b.c.pool.Config().ConnConfig.Copy())
-	if err != nil {
-		return err
-	}
-	defer conn.Close(context.WithoutCancel(ctx))
-	if _, err := conn.Exec(ctx, "LISTEN "+pgx.Identifier{b.channel}.Sanitize()); err != nil {
-		return err
-	}
-	connected()
-	wake() // tasks may have arrived while we were not listening
-	for {
-		n, err := conn.WaitForNotification(ctx)
-		if err != nil {
-			return err
-		}
-		onMessage(n.Payload, wake, cancel)
-	}
-}
+// listen does nothing: a worker LISTENs on its own connection (see
+// workerConn), so that it needs no connection for it.
+func (b *pgBus) listen(context.Context, func(), func(int64)) error { return nil }
 
 // waiters serves Client.Wait: one goroutine polls for all waiting calls at
 // once, faster right after a wake-up, slower as time passes.

@@ -192,10 +192,13 @@ func (w *Worker) Run(ctx context.Context) error {
 	}()
 
 	c := w.c
-	if err := c.checkSchema(ctx); err != nil {
+	r := newRun(w, handlers)
+	defer r.conn.close(context.WithoutCancel(ctx))
+	// Everything the worker does goes through its one connection, the
+	// schema check too: a worker process needs no other.
+	if err := c.checkSchemaOn(ctx, r.conn); err != nil {
 		return err
 	}
-	r := newRun(w, handlers)
 	if err := r.register(ctx); err != nil {
 		if runCtx.Err() != nil {
 			return nil // asked to stop before it was up
@@ -209,7 +212,7 @@ func (w *Worker) Run(ctx context.Context) error {
 
 	var err error
 	r.lock, err = c.locker.Open(ctx, LockSessionConfig{
-		Worker: r.id, Pool: c.pool, Schema: c.schema, Logger: r.log, OnLost: r.lost,
+		Worker: r.id, Pool: c.pool, Schema: c.schema, Logger: r.log, OnLost: r.lost, conn: r.conn,
 	})
 	if err != nil {
 		if runCtx.Err() != nil {

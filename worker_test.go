@@ -144,7 +144,7 @@ func TestPostgresLockLost(t *testing.T) {
 	// Worker ids repeat across schemas (parallel tests): match the whole
 	// name, which carries the schema too.
 	err = pool.QueryRow(ctx, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-		WHERE application_name = $1`, tasking.LockAppName(c.Schema(), w.ID())).Scan(&killed)
+		WHERE application_name = $1`, tasking.WorkerAppName(c.Schema(), w.ID())).Scan(&killed)
 	require.NoError(t, err)
 	require.True(t, killed)
 

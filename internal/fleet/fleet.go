@@ -22,12 +22,21 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/jackc/pgx/v5/pgconn"
 )
+
+// DB is what the store runs its statements on: a pool, or the worker's own
+// connection.
+type DB interface {
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+	Begin(ctx context.Context) (pgx.Tx, error)
+}
 
 // Store works on one schema's workers table.
 type Store struct {
-	pool   *pgxpool.Pool
+	pool   DB
 	schema string
 	q      string // quoted schema
 	regKey int64  // serialises registrations
@@ -36,7 +45,7 @@ type Store struct {
 
 // New returns a store for schema. regKey and gcKey are advisory-lock keys
 // private to the schema.
-func New(pool *pgxpool.Pool, schema string, regKey, gcKey int64) *Store {
+func New(pool DB, schema string, regKey, gcKey int64) *Store {
 	return &Store{pool: pool, schema: schema, q: pgx.Identifier{schema}.Sanitize(), regKey: regKey, gcKey: gcKey}
 }
 
@@ -185,6 +194,7 @@ type Reaped struct {
 	Workers  []int64 // removed worker ids
 	Failed   int     // running tasks failed "worker lost"
 	Canceled int     // canceling tasks ended canceled
+	Ready    int     // waiting tasks that became ready as the settled ones left their lines
 }
 
 // Cleanup removes workers missed for ttl and settles their tasks, and
@@ -206,7 +216,7 @@ func (s *Store) Cleanup(ctx context.Context, ttl time.Duration) (Reaped, error) 
 			return err
 		}
 		r2, err := reap(ctx, tx, s.q, nil)
-		r.Failed, r.Canceled = r2.Failed, r2.Canceled
+		r.Failed, r.Canceled, r.Ready = r2.Failed, r2.Canceled, r2.Ready
 		return err
 	})
 	return r, err
@@ -222,15 +232,24 @@ func reap(ctx context.Context, tx pgx.Tx, q string, ids []int64) (Reaped, error)
 		cond = `t.worker_id = ANY($1)`
 		args = append(args, ids)
 	}
+	var settled []int64
 	err := tx.QueryRow(ctx, `WITH settled AS (
 			UPDATE `+q+`.tasks t
 			SET state = CASE WHEN t.state = 'canceling' THEN 'canceled' ELSE 'failed' END,
 			    error = CASE WHEN t.state = 'canceling' THEN t.error ELSE 'worker lost' END,
 			    finished_at = clock_timestamp()
 			WHERE t.state IN ('running', 'canceling') AND `+cond+`
-			RETURNING t.state
+			RETURNING t.id, t.state
 		)
-		SELECT count(*) FILTER (WHERE state = 'failed'), count(*) FILTER (WHERE state = 'canceled') FROM settled`,
-		args...).Scan(&r.Failed, &r.Canceled)
+		SELECT count(*) FILTER (WHERE state = 'failed'), count(*) FILTER (WHERE state = 'canceled'),
+		       coalesce(array_agg(id), '{}') FROM settled`,
+		args...).Scan(&r.Failed, &r.Canceled, &settled)
+	if err != nil || len(settled) == 0 {
+		return r, err
+	}
+	// Final tasks leave their waiting lines; the next in line may be ready.
+	var ready []int64
+	err = tx.QueryRow(ctx, `SELECT `+q+`.settle($1, 0)`, settled).Scan(&ready)
+	r.Ready = len(ready)
 	return r, err
 }

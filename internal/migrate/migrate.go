@@ -2,14 +2,16 @@
 //
 // Each file sql/NNN_name.sql is one version. Files refer to the schema as
 // {{schema}}, replaced by the quoted schema name, so one set of migrations
-// serves any schema. Migrate runs every missing version in one transaction,
+// serves any schema (and to {{seed}}, see expand). Migrate runs every missing version in one transaction,
 // under a transaction-scoped advisory lock so that concurrent callers apply
 // each version once.
 package migrate
 
 import (
 	"context"
+	"crypto/sha256"
 	"embed"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -100,7 +102,7 @@ func Migrate(ctx context.Context, db Beginner, schema string) (from, to int, err
 		if m.Version <= cur {
 			continue
 		}
-		if _, err := tx.Exec(ctx, strings.ReplaceAll(m.SQL, "{{schema}}", q)); err != nil {
+		if _, err := tx.Exec(ctx, expand(m.SQL, schema)); err != nil {
 			return cur, cur, fmt.Errorf("migration %03d_%s: %w", m.Version, m.Name, err)
 		}
 	}
@@ -116,6 +118,17 @@ func Migrate(ctx context.Context, db Beginner, schema string) (from, to int, err
 		return cur, cur, err
 	}
 	return cur, latest, nil
+}
+
+// expand fills in a migration's placeholders: {{schema}}, the quoted schema
+// name, and {{seed}}, a 64-bit number derived from it (the seed of the
+// schema's advisory-lock keys, so that two schemas in one database do not
+// share keys).
+func expand(sql, schema string) string {
+	sum := sha256.Sum256([]byte("tasking/seed/" + schema))
+	seed := int64(binary.BigEndian.Uint64(sum[:8]))
+	return strings.NewReplacer("{{schema}}", pgx.Identifier{schema}.Sanitize(),
+		"{{seed}}", strconv.FormatInt(seed, 10)).Replace(sql)
 }
 
 // TooNewError says the schema was migrated by a newer release.

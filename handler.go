@@ -1,0 +1,105 @@
+package tasking
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"runtime/debug"
+)
+
+// outcome is a handler's end, to be written by the next step.
+type outcome struct {
+	task  *Task
+	state State
+	err   string
+	owner bool // holds locker grants to release
+}
+
+// start runs t's handler in its own goroutine. Its outcome goes to the step
+// loop, which writes it in its next step.
+func (r *run) start(t *Task) {
+	h := r.handlers[t.Name]
+	hctx, cancel := context.WithCancelCause(r.base)
+	hctx = context.WithValue(hctx, taskKey{}, t)
+	stopTimer := context.CancelFunc(func() {})
+	if d := cmp.Or(t.Timeout, h.timeout); d > 0 {
+		hctx, stopTimer = context.WithTimeoutCause(hctx, d, ErrTimeout)
+	}
+	a := &activeTask{task: t, names: len(t.Exclusive)+len(t.Shared) > 0}
+	r.mu.Lock()
+	a.cancel = cancel
+	r.active[t.ID] = a
+	if _, ok := r.canceled[t.ID]; ok { // canceled while we were claiming it
+		delete(r.canceled, t.ID)
+		cancel(ErrCanceled)
+	}
+	r.mu.Unlock()
+	r.handlerW.Add(1)
+	go func() {
+		defer r.handlerW.Done()
+		err := r.call(hctx, h.fn, t)
+		if lc, ok := r.lock.(LeaseChecker); ok && a.names {
+			lc.CheckLease(Owner{r.id, t.ID}) // may call r.lost, before a.lost is read
+		}
+		cause := context.Cause(hctx)
+		stopTimer()
+		r.mu.Lock()
+		a.cancel(nil)
+		delete(r.active, t.ID)
+		r.unsent[t.ID] = struct{}{}
+		o := outcome{task: t, state: StateCompleted, owner: a.names}
+		switch {
+		case a.lost:
+			o.state, o.err = StateFailed, errorText(cause)
+		case errors.Is(cause, ErrTimeout) || errors.Is(cause, ErrCanceled) || errors.Is(cause, ErrWorkerLost):
+			// A canceled task ends canceled in the step.
+			o.state, o.err = StateFailed, cause.Error()
+		case err != nil:
+			o.state, o.err = StateFailed, err.Error()
+			if errors.Is(cause, ErrShutdown) {
+				o.err = ErrShutdown.Error() + ": " + o.err
+			}
+		}
+		r.mu.Unlock()
+		r.send(o)
+	}()
+}
+
+func errorText(err error) string {
+	if err == nil {
+		return ErrLockLost.Error()
+	}
+	return err.Error()
+}
+
+// call runs the handler, turning a panic into an error with its stack.
+func (r *run) call(ctx context.Context, fn HandlerFunc, t *Task) (err error) {
+	defer func() {
+		if v := recover(); v != nil {
+			err = fmt.Errorf("panic: %v\n%s", v, debug.Stack())
+		}
+	}()
+	return fn(ctx, t)
+}
+
+// send hands an outcome to the step loop, unless shutdown has closed the
+// channel: a handler abandoned at shutdown may return after the loop ended,
+// and its task is then left for cleanup.
+func (r *run) send(o outcome) {
+	r.sendMu.RLock()
+	defer r.sendMu.RUnlock()
+	if !r.closed {
+		r.results <- o
+	}
+}
+
+// closeResults tells the step loop that no more outcomes will come.
+func (r *run) closeResults() {
+	r.sendMu.Lock()
+	defer r.sendMu.Unlock()
+	if !r.closed {
+		r.closed = true
+		close(r.results)
+	}
+}

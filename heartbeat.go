@@ -1,0 +1,159 @@
+package tasking
+
+import (
+	"context"
+	"time"
+
+	"github.com/tasking-go/tasking/internal/fleet"
+)
+
+// heartbeat beats every TTL/3 in its own goroutine, so handlers never starve
+// it, and runs the fleet's cleanup when it wins the election. It shares the
+// worker's connection with the step loop, whose statements are short.
+func (r *run) heartbeat(ctx context.Context) {
+	r.beat(ctx)
+	t := time.NewTicker(r.w.cfg.ttl / 3)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		r.beat(ctx)
+		r.cleanup(ctx)
+	}
+}
+
+func (r *run) beat(ctx context.Context) {
+	b, err := r.fleet.Beat(ctx, r.id, r.w.cfg.ttl)
+	if err != nil {
+		if ctx.Err() == nil {
+			r.log.Warn("tasking: heartbeat failed", "err", err)
+		}
+		return
+	}
+	r.live.Store(b.Live)
+	r.sweep(ctx, b.Owned)
+	if !b.Present {
+		// Cleanup declared this worker gone (it was paused for longer than
+		// the TTL): its running tasks are already failed. Stop their
+		// handlers, then come back under the same id.
+		r.log.Error("tasking: this worker was declared lost; canceling its handlers and rejoining")
+		r.mu.Lock()
+		for _, a := range r.active {
+			a.cancel(ErrWorkerLost)
+		}
+		r.mu.Unlock()
+		if err := r.fleet.Reinstate(ctx, r.id, r.self); err != nil && ctx.Err() == nil {
+			r.log.Warn("tasking: rejoin the fleet", "err", err)
+		}
+	}
+}
+
+// sweep reconciles what the database says this worker runs with what it
+// does run. A canceling task is canceled here (its signal may have been
+// lost). A running task this worker has no handler for and is not finishing
+// was claimed by a step whose reply never arrived: its handler never ran,
+// so once it has been seen so on two heartbeats in a row (a step in flight
+// takes milliseconds, a heartbeat period is seconds) it is put back to
+// waiting, guarded by owner and epoch; a canceling one ends canceled.
+func (r *run) sweep(ctx context.Context, owned []fleet.OwnedTask) {
+	var back []fleet.OwnedTask
+	r.mu.Lock()
+	prev := r.orphans
+	r.orphans = make(map[int64]int32)
+	for _, t := range owned {
+		_, running := r.active[t.ID]
+		_, unsent := r.unsent[t.ID]
+		switch {
+		case running && t.Canceling:
+			r.active[t.ID].cancel(ErrCanceled)
+		case running || unsent:
+		case prev[t.ID] == t.Epoch+1: // stored +1 so that the zero value means unseen
+			back = append(back, t)
+		default:
+			r.orphans[t.ID] = t.Epoch + 1
+		}
+	}
+	r.mu.Unlock()
+	if len(back) == 0 {
+		return
+	}
+	var ids []int64
+	var epochs []int32
+	canceled := 0
+	for _, t := range back {
+		if t.Canceling {
+			// Its handler never ran: the step loop ends it canceled.
+			r.send(outcome{task: &Task{ID: t.ID, Epoch: int(t.Epoch)}, state: StateCanceled, err: ErrCanceled.Error()})
+			canceled++
+			continue
+		}
+		ids, epochs = append(ids, t.ID), append(epochs, t.Epoch)
+	}
+	var put int64
+	if len(ids) > 0 {
+		tag, err := r.conn.Exec(ctx, r.c.q.unclaim, r.id, ids, epochs)
+		if err != nil {
+			r.log.Warn("tasking: put back tasks whose claim was lost", "err", err)
+			return
+		}
+		put = tag.RowsAffected()
+	}
+	r.log.Warn("tasking: settled tasks claimed by a step whose reply was lost",
+		"put_back", put, "canceled", canceled)
+	r.signal()
+}
+
+func (r *run) cleanup(ctx context.Context) {
+	got, err := r.fleet.Cleanup(ctx, r.w.cfg.ttl)
+	if err != nil {
+		if ctx.Err() == nil {
+			r.log.Warn("tasking: cleanup of dead workers failed", "err", err)
+		}
+		return
+	}
+	if len(got.Workers) == 0 && got.Failed+got.Canceled == 0 {
+		return
+	}
+	r.log.Warn("tasking: cleaned up after dead workers", "workers", got.Workers,
+		"failed", got.Failed, "canceled", got.Canceled)
+	r.freeGrants(ctx, got.Workers)
+	if got.Ready > 0 {
+		r.wakeOthers(ctx)
+	}
+	r.c.waits.poke()
+}
+
+// freeGrants frees the locker grants of dead worker instances at once, for
+// lockers that can ([WorkerFreer]).
+func (r *run) freeGrants(ctx context.Context, workers []int64) {
+	f, ok := r.lock.(WorkerFreer)
+	if !ok || len(workers) == 0 {
+		return
+	}
+	if err := f.FreeWorkers(ctx, workers); err != nil {
+		r.log.Warn("tasking: free dead workers' locks", "err", err)
+	}
+}
+
+// wakeOthers wakes the workers of the fleet: tasks became ready that this
+// worker did not take.
+func (r *run) wakeOthers(ctx context.Context) {
+	if ch := r.c.bus.dispatchChannel(); ch != "" {
+		if _, err := r.conn.Exec(ctx, "SELECT pg_notify($1, 'r')", ch); err != nil && ctx.Err() == nil {
+			r.log.Warn("tasking: wake-up not sent", "err", err)
+		}
+		return
+	}
+	r.c.bus.released(ctx)
+}
+
+// pollEvery is this worker's fallback poll interval: the configured one
+// times the number of live workers, so the fleet as a whole polls about once
+// per interval however many workers it has (a fleet of 150 workers polling
+// every 10 ms each saturated Pulp's database).
+func (r *run) pollEvery() time.Duration {
+	return jitter(r.w.cfg.poll * time.Duration(max(r.live.Load(), 1)))
+}

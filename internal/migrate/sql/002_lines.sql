@@ -1,0 +1,351 @@
+-- tasking schema version 2: per-resource waiting lines. {{schema}} is the
+-- quoted schema name, {{seed}} a 64-bit number derived from it.
+--
+-- Every task that is not final has one entry per resource it names, in a
+-- line per resource ordered by task id (the dispatch position). An entry is
+-- blocked while an earlier entry on the same line conflicts with it: any
+-- earlier entry for an exclusive one, an earlier exclusive entry for a shared
+-- one. A task's blockers column counts its blocked entries; a waiting task
+-- with no blockers is ready, and workers claim ready tasks straight from an
+-- index. When a task becomes final its entries go, and the entries that this
+-- unblocks are found by looking at the head of each line it was on (handoff),
+-- so a finish costs a few index probes per resource, however long the lines
+-- are. docs/design.md explains the protocol and why it keeps the promise.
+
+ALTER TABLE {{schema}}.tasks ADD COLUMN blockers integer NOT NULL DEFAULT 0;
+
+CREATE TABLE {{schema}}.lines (
+    resource text    NOT NULL,
+    task     bigint  NOT NULL,
+    excl     boolean NOT NULL,
+    blocked  boolean NOT NULL,
+    PRIMARY KEY (resource, task)
+);
+-- The first exclusive entry of a line, and the blocked entries of a line.
+CREATE INDEX lines_excl_idx ON {{schema}}.lines (resource, task) WHERE excl;
+CREATE INDEX lines_blocked_idx ON {{schema}}.lines (resource, task) WHERE blocked;
+
+-- Lines whose handoff could not run when their entries went (another
+-- transaction held the line's ordering lock): the next worker step does it.
+CREATE TABLE {{schema}}.handoffs (
+    resource text PRIMARY KEY
+);
+
+-- Entries of the tasks that are not final, from before this version.
+INSERT INTO {{schema}}.lines (resource, task, excl, blocked)
+SELECT resource, task, excl,
+       CASE WHEN excl THEN row_number() OVER w > 1
+            ELSE coalesce(count(*) FILTER (WHERE excl) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) > 0
+       END
+  FROM (SELECT r AS resource, t.id AS task, true AS excl
+          FROM {{schema}}.tasks t, unnest(t.exclusive) r
+         WHERE t.state IN ('waiting', 'running', 'canceling')
+        UNION ALL
+        SELECT r, t.id, false
+          FROM {{schema}}.tasks t, unnest(t.shared) r
+         WHERE t.state IN ('waiting', 'running', 'canceling')) e
+WINDOW w AS (PARTITION BY resource ORDER BY task);
+
+UPDATE {{schema}}.tasks t SET blockers = b.n
+  FROM (SELECT task, count(*) AS n FROM {{schema}}.lines WHERE blocked GROUP BY task) b
+ WHERE t.id = b.task AND t.state = 'waiting';
+
+DROP INDEX {{schema}}.tasks_waiting_res_idx;
+DROP INDEX {{schema}}.tasks_waiting_free_idx;
+DROP INDEX {{schema}}.tasks_holding_idx;
+
+-- Ready tasks, oldest first: what a worker claims.
+CREATE INDEX tasks_ready_idx ON {{schema}}.tasks (id) WHERE state = 'waiting' AND blockers = 0;
+
+-- rkey is the advisory-lock key that orders the changes to one line:
+-- dispatches that add entries and handoffs that unblock them. Transaction
+-- scoped, in the int8 key space; the PostgreSQL locker's run-time keys are
+-- SHA-256 based and live apart from these.
+CREATE FUNCTION {{schema}}.rkey(name text) RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT hashtextextended(name, {{seed}}) $$;
+
+DROP FUNCTION {{schema}}.dispatch(text[], jsonb[], jsonb, jsonb, bigint[], bigint[], boolean[], text);
+
+-- dispatch inserts a batch of tasks in one round trip. Before drawing ids it
+-- takes, in key order, a transaction-scoped advisory lock per resource
+-- (exclusive for exclusive names, shared for shared ones), after a
+-- schema-wide key taken shared. A batch naming more than 64 resources takes
+-- the schema-wide key exclusively instead, so it never fills the server's
+-- lock table. A dispatch that conflicts with one in flight waits for it to
+-- commit and then draws a larger id: for conflicting tasks commit order
+-- equals id order. Under the same locks it puts each task on its lines,
+-- blocked behind what is already there. p_excl and p_shared are JSON arrays
+-- holding one array of names per task. It notifies p_channel when a task is
+-- ready at once.
+CREATE FUNCTION {{schema}}.dispatch(
+    p_names text[], p_args jsonb[], p_excl jsonb, p_shared jsonb, p_timeouts bigint[], p_channel text)
+RETURNS TABLE (id bigint, created_at timestamptz, ready boolean)
+LANGUAGE plpgsql AS $$
+DECLARE
+    n     integer := coalesce(array_length(p_names, 1), 0);
+    i     integer;
+    k     record;
+    many  boolean;
+    ex    text[];
+    sh    text[];
+    tid   bigint;
+    nblk  integer;
+    any_ready boolean := false;
+BEGIN
+    SELECT count(DISTINCT r) > 64 INTO many
+      FROM jsonb_array_elements(p_excl || p_shared) a, jsonb_array_elements_text(a) r;
+    IF many THEN
+        PERFORM pg_advisory_xact_lock({{seed}});
+    ELSIF EXISTS (SELECT 1 FROM jsonb_array_elements(p_excl || p_shared) a WHERE a <> '[]') THEN
+        PERFORM pg_advisory_xact_lock_shared({{seed}});
+        FOR k IN
+            SELECT {{schema}}.rkey(r) AS key, bool_or(x) AS x
+              FROM (SELECT r, true AS x FROM jsonb_array_elements(p_excl) a, jsonb_array_elements_text(a) r
+                    UNION ALL
+                    SELECT r, false FROM jsonb_array_elements(p_shared) a, jsonb_array_elements_text(a) r) u
+             GROUP BY 1 ORDER BY 1
+        LOOP
+            IF k.x THEN
+                PERFORM pg_advisory_xact_lock(k.key);
+            ELSE
+                PERFORM pg_advisory_xact_lock_shared(k.key);
+            END IF;
+        END LOOP;
+    END IF;
+    FOR i IN 1 .. n LOOP
+        ex := ARRAY(SELECT jsonb_array_elements_text(p_excl -> (i - 1)));
+        sh := ARRAY(SELECT jsonb_array_elements_text(p_shared -> (i - 1)));
+        tid := nextval('{{schema}}.task_seq');
+        nblk := 0;
+        IF ex <> '{}' OR sh <> '{}' THEN
+            WITH e AS (
+                INSERT INTO {{schema}}.lines (resource, task, excl, blocked)
+                SELECT r, tid, true, EXISTS (SELECT 1 FROM {{schema}}.lines l WHERE l.resource = r)
+                  FROM unnest(ex) r
+                UNION ALL
+                SELECT r, tid, false, EXISTS (SELECT 1 FROM {{schema}}.lines l WHERE l.resource = r AND l.excl)
+                  FROM unnest(sh) r
+                RETURNING blocked
+            )
+            SELECT count(*) FILTER (WHERE blocked) INTO nblk FROM e;
+        END IF;
+        any_ready := any_ready OR nblk = 0;
+        RETURN QUERY
+        INSERT INTO {{schema}}.tasks AS t (id, name, args, exclusive, shared, timeout_ms, blockers)
+        VALUES (tid, p_names[i], p_args[i], ex, sh, nullif(p_timeouts[i], 0), nblk)
+        RETURNING t.id, t.created_at, t.blockers = 0;
+    END LOOP;
+    IF p_channel <> '' AND any_ready THEN
+        PERFORM pg_notify(p_channel, 'd');
+    END IF;
+END
+$$;
+
+-- handoff unblocks the entries that the removal of entries from the lines
+-- p_res made free, and returns the tasks that became ready. It takes each
+-- line's ordering key exclusively (so no dispatch adds to the line and no
+-- other handoff looks at it meanwhile), waiting at most a few milliseconds:
+-- a line it cannot lock (a dispatch transaction still open on it) is left
+-- in handoffs for a later step. On one line, with the first exclusive entry
+-- X, the entries that may have become free are the blocked shared ones
+-- before X, and X itself once nothing is ahead of it.
+CREATE FUNCTION {{schema}}.handoff(p_res text[])
+RETURNS bigint[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    r       text;
+    locked  text[] := '{}';
+    x       bigint;
+    head    bigint;
+    freed   bigint[] := '{}';
+    ready   bigint[];
+    prev    text := current_setting('lock_timeout');
+BEGIN
+    IF p_res IS NULL OR p_res = '{}' THEN
+        RETURN '{}';
+    END IF;
+    PERFORM set_config('lock_timeout', '20ms', true);
+    BEGIN
+        PERFORM pg_advisory_xact_lock_shared({{seed}});
+    EXCEPTION WHEN lock_not_available THEN
+        PERFORM set_config('lock_timeout', prev, true);
+        INSERT INTO {{schema}}.handoffs (resource) SELECT unnest(p_res) ON CONFLICT DO NOTHING;
+        RETURN '{}';
+    END;
+    FOR r IN SELECT u FROM unnest(p_res) u GROUP BY u ORDER BY {{schema}}.rkey(u) LOOP
+        BEGIN
+            PERFORM pg_advisory_xact_lock({{schema}}.rkey(r));
+            locked := locked || r;
+        EXCEPTION WHEN lock_not_available THEN
+            INSERT INTO {{schema}}.handoffs (resource) VALUES (r) ON CONFLICT DO NOTHING;
+        END;
+    END LOOP;
+    PERFORM set_config('lock_timeout', prev, true);
+    FOREACH r IN ARRAY locked LOOP
+        SELECT l.task INTO x FROM {{schema}}.lines l WHERE l.resource = r AND l.excl ORDER BY l.task LIMIT 1;
+        WITH u AS (
+            UPDATE {{schema}}.lines l SET blocked = false
+             WHERE l.resource = r AND l.blocked AND NOT l.excl AND (x IS NULL OR l.task < x)
+            RETURNING l.task
+        )
+        SELECT freed || coalesce(array_agg(u.task), '{}') INTO freed FROM u;
+        IF x IS NOT NULL THEN
+            SELECT l.task INTO head FROM {{schema}}.lines l WHERE l.resource = r ORDER BY l.task LIMIT 1;
+            IF head = x THEN
+                UPDATE {{schema}}.lines l SET blocked = false
+                 WHERE l.resource = r AND l.task = x AND l.blocked;
+                IF FOUND THEN
+                    freed := freed || x;
+                END IF;
+            END IF;
+        END IF;
+    END LOOP;
+    IF freed = '{}' THEN
+        RETURN '{}';
+    END IF;
+    IF array_length(freed, 1) > 1 THEN
+        -- Row locks in id order: two handoffs freeing the same tasks must
+        -- not deadlock.
+        PERFORM 1 FROM {{schema}}.tasks t WHERE t.id = ANY (freed) ORDER BY t.id FOR UPDATE;
+    END IF;
+    WITH d AS (
+        UPDATE {{schema}}.tasks t SET blockers = t.blockers - c.n
+          FROM (SELECT f AS id, count(*) AS n FROM unnest(freed) f GROUP BY f) c
+         WHERE t.id = c.id
+        RETURNING t.id, t.blockers, t.state
+    )
+    SELECT coalesce(array_agg(d.id), '{}') INTO ready FROM d WHERE d.blockers = 0 AND d.state = 'waiting';
+    RETURN ready;
+END
+$$;
+
+-- settle takes tasks that just became final off their lines and hands their
+-- resources on, together with up to p_pending lines left in handoffs. It
+-- returns the tasks that became ready.
+CREATE FUNCTION {{schema}}.settle(p_ids bigint[], p_pending integer)
+RETURNS bigint[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    res  text[];
+    more text[] := '{}';
+BEGIN
+    WITH d AS (
+        DELETE FROM {{schema}}.lines l
+         USING (SELECT t.id, r FROM {{schema}}.tasks t, unnest(t.exclusive || t.shared) r
+                 WHERE t.id = ANY (p_ids)) e
+         WHERE l.resource = e.r AND l.task = e.id
+        RETURNING l.resource
+    )
+    SELECT coalesce(array_agg(DISTINCT d.resource), '{}') INTO res FROM d;
+    IF p_pending > 0 THEN
+        WITH p AS (
+            DELETE FROM {{schema}}.handoffs h
+             WHERE h.resource IN (SELECT resource FROM {{schema}}.handoffs ORDER BY resource
+                                   LIMIT p_pending FOR UPDATE SKIP LOCKED)
+            RETURNING h.resource
+        )
+        SELECT coalesce(array_agg(p.resource), '{}') INTO more FROM p;
+    END IF;
+    RETURN {{schema}}.handoff(res || more);
+END
+$$;
+
+-- step is one round trip of a worker: it writes the final states of the
+-- tasks its handlers finished (guarded by worker and epoch; a canceling task
+-- ends canceled), settles them, and claims up to p_free ready tasks with
+-- names it handles, oldest first. SKIP LOCKED lets workers claim side by
+-- side without waiting for each other. Rows: 'f' for each task it finished,
+-- 'c' for each task it claimed, and one 's' row whose id is the number of
+-- tasks that became ready and were not claimed here (other workers may want
+-- a wake-up: it notifies p_channel for them when given) and whose epoch is 1
+-- when handoffs are left for later.
+CREATE FUNCTION {{schema}}.step(
+    p_worker bigint, p_ids bigint[], p_epochs integer[], p_states text[], p_errors text[],
+    p_results jsonb[], p_names text[], p_free integer, p_channel text)
+RETURNS TABLE (kind "char", id bigint, name text, args jsonb, exclusive text[], shared text[],
+               epoch integer, created_at timestamptz, started_at timestamptz, timeout_ms bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    done    bigint[] := '{}';
+    ready   bigint[] := '{}';
+    claimed bigint[] := '{}';
+    pending integer := 0;
+    n_left  integer;
+BEGIN
+    IF coalesce(array_length(p_ids, 1), 0) > 0 THEN
+        WITH u AS (
+            UPDATE {{schema}}.tasks t
+               SET state = CASE WHEN t.state = 'canceling' THEN 'canceled' ELSE v.state END,
+                   finished_at = clock_timestamp(), error = nullif(v.error, ''), result = v.result
+              FROM unnest(p_ids, p_epochs, p_states, p_errors, p_results) AS v(id, epoch, state, error, result)
+             WHERE t.id = v.id AND t.worker_id IS NOT DISTINCT FROM p_worker AND t.epoch = v.epoch
+               AND t.state IN ('running', 'canceling')
+            RETURNING t.id
+        )
+        SELECT coalesce(array_agg(u.id), '{}') INTO done FROM u;
+    END IF;
+    IF EXISTS (SELECT 1 FROM {{schema}}.handoffs) THEN
+        pending := 16;
+    END IF;
+    IF done <> '{}' OR pending > 0 THEN
+        ready := {{schema}}.settle(done, pending);
+    END IF;
+    RETURN QUERY SELECT 'f'::"char", d, NULL::text, NULL::jsonb, NULL::text[], NULL::text[],
+                        NULL::integer, NULL::timestamptz, NULL::timestamptz, NULL::bigint
+                   FROM unnest(done) d;
+    IF p_free > 0 THEN
+        RETURN QUERY
+        UPDATE {{schema}}.tasks t
+           SET state = 'running', worker_id = p_worker, epoch = t.epoch + 1, started_at = clock_timestamp()
+         WHERE t.id = ANY (ARRAY(
+                SELECT c.id FROM {{schema}}.tasks c
+                 WHERE c.state = 'waiting' AND c.blockers = 0 AND c.name = ANY (p_names)
+                 ORDER BY c.id LIMIT p_free FOR UPDATE SKIP LOCKED))
+        RETURNING 'c'::"char", t.id, t.name, t.args, t.exclusive, t.shared, t.epoch, t.created_at,
+                  t.started_at, coalesce(t.timeout_ms, 0);
+    END IF;
+    n_left := (SELECT count(*) FROM unnest(ready) r
+              WHERE NOT EXISTS (SELECT 1 FROM {{schema}}.tasks t
+                                 WHERE t.id = r AND t.worker_id = p_worker AND t.state = 'running'));
+    IF n_left > 0 AND p_channel <> '' THEN
+        PERFORM pg_notify(p_channel, 'r');
+    END IF;
+    RETURN QUERY SELECT 's'::"char", n_left::bigint, NULL::text, NULL::jsonb, NULL::text[], NULL::text[],
+                        (EXISTS (SELECT 1 FROM {{schema}}.handoffs))::integer,
+                        NULL::timestamptz, NULL::timestamptz, NULL::bigint;
+END
+$$;
+
+-- cancel cancels a task: a waiting one becomes canceled at once (and leaves
+-- its lines), a running one canceling. It notifies p_channel with the id of
+-- a task that became canceling, for its worker, or when tasks became ready.
+-- It returns the new state (NULL when the task was in neither state) and
+-- how many tasks became ready.
+CREATE FUNCTION {{schema}}.cancel(p_id bigint, p_channel text)
+RETURNS TABLE (state text, ready integer)
+LANGUAGE plpgsql AS $$
+DECLARE
+    st text;
+    n  integer := 0;
+BEGIN
+    UPDATE {{schema}}.tasks t
+       SET state = CASE t.state WHEN 'waiting' THEN 'canceled' ELSE 'canceling' END,
+           finished_at = CASE t.state WHEN 'waiting' THEN clock_timestamp() END
+     WHERE t.id = p_id AND t.state IN ('waiting', 'running')
+    RETURNING t.state INTO st;
+    IF st = 'canceled' THEN
+        n := coalesce(array_length({{schema}}.settle(ARRAY[p_id], 0), 1), 0);
+        IF n > 0 AND p_channel <> '' THEN
+            PERFORM pg_notify(p_channel, 'r');
+        END IF;
+    ELSIF st = 'canceling' AND p_channel <> '' THEN
+        PERFORM pg_notify(p_channel, 'c' || p_id);
+    END IF;
+    state := st;
+    ready := n;
+    RETURN NEXT;
+END
+$$;
+
+-- The PostgreSQL locker's fencing tokens keep using fence_seq; lock_batch is
+-- unchanged.

@@ -1,0 +1,254 @@
+package tasking
+
+import (
+	"context"
+	"fmt"
+	"time"
+)
+
+// The step loop is the worker's engine. One step is one statement on the
+// worker's connection (the step function of the schema, see queue.go):
+// it writes the final states of the tasks whose handlers returned, takes
+// them off their resources' waiting lines and hands those resources to the
+// next tasks in line, and claims up to the free slots of ready tasks, oldest
+// first. The locker is asked around it: grants of finished tasks are
+// released before the step (so the next in line, which the step makes
+// ready, finds its resources free), and the claimed tasks' grants are
+// acquired after it, in one call each. Work per started task is a share of
+// one statement and two locker calls, however many workers there are and
+// however long the lines behind a busy resource; docs/design.md says why
+// this keeps the ordering promise.
+
+const (
+	stepBatch   = 512              // outcomes written by one step at most
+	stepTimeout = 30 * time.Second // bound on one step's statements
+	drainGiveUp = 30 * time.Second // at shutdown, stop retrying final states after this
+	// A wake-up within coalesceWindow of a step that started fewer than
+	// smallStep tasks waits for the window to end: tasks trickling in one
+	// at a time then cost one step for several, not one each.
+	coalesceWindow = 2 * time.Millisecond
+	smallStep      = 8
+	// How soon to look again when a claimed task's locks were refused (a
+	// dead worker's grant not yet freed) or a handoff was left for later.
+	retrySoon = 5 * time.Millisecond
+)
+
+// loop runs steps until ctx is done and then, with no more claims, until
+// every outcome is written.
+func (r *run) loop(ctx context.Context) {
+	poll := time.NewTimer(r.pollEvery())
+	defer poll.Stop()
+	var retry <-chan time.Time
+	var pending []outcome
+	results := r.results
+	done := ctx.Done()
+	stopping := false
+	woken := true // look once at start
+	failing := false
+	var failingSince time.Time
+	backoff := 10 * time.Millisecond
+	var lastEnd time.Time
+	lastStarted := 0
+	for {
+		if stopping && results == nil && len(pending) == 0 {
+			return
+		}
+		free := 0
+		if !stopping {
+			free = r.freeSlots()
+		}
+		if len(pending) == 0 && (free == 0 || !woken) {
+			select {
+			case <-done:
+				stopping, done = true, nil
+			case o, ok := <-results:
+				if !ok {
+					results = nil
+				} else {
+					pending = append(pending, o)
+				}
+			case <-r.wake:
+				woken = true
+				// Right after a small step, wait out a short window so that
+				// the next step takes everything that arrived meanwhile. An
+				// isolated dispatch, or a busy backlog, is not delayed.
+				if since := time.Since(lastEnd); lastStarted < smallStep && since < coalesceWindow {
+					sleepCtx(ctx, coalesceWindow-since)
+				}
+			case <-poll.C:
+				poll.Reset(r.pollEvery())
+				woken = true
+			case <-retry:
+				retry, woken = nil, true
+			}
+			continue
+		}
+	drain:
+		for len(pending) < stepBatch && results != nil {
+			select {
+			case o, ok := <-results:
+				if !ok {
+					results = nil
+					break drain
+				}
+				pending = append(pending, o)
+			default:
+				break drain
+			}
+		}
+		if !stopping {
+			free = r.freeSlots() // handlers may have returned meanwhile
+		}
+		// A step runs to its end even when shutdown begins meanwhile: a
+		// statement cut off mid-flight would close the worker's connection
+		// (and lose every grant on it) or leave a claim's outcome unknown.
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), stepTimeout)
+		started, again, err := r.step(sctx, pending, free)
+		cancel()
+		lastEnd, lastStarted = time.Now(), started
+		if err != nil {
+			if !failing {
+				r.log.Error("tasking: worker step failed; retrying with backoff", "err", err)
+				failing, failingSince = true, time.Now()
+			}
+			if stopping && time.Since(failingSince) > drainGiveUp {
+				r.log.Error("tasking: giving up on final states at shutdown; cleanup will settle the tasks",
+					"tasks", len(pending), "err", err)
+				return
+			}
+			retry = time.After(jitter(backoff))
+			backoff = min(backoff*2, 5*time.Second)
+			woken = false
+			continue
+		}
+		if failing {
+			r.log.Info("tasking: worker steps recovered")
+			failing, backoff = false, 10*time.Millisecond
+		}
+		pending = pending[:0]
+		woken = false
+		if again && retry == nil {
+			retry = time.After(retrySoon)
+		}
+	}
+}
+
+func (r *run) freeSlots() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.w.cfg.slots - len(r.active)
+}
+
+// step writes the outcomes, claims up to free ready tasks, acquires their
+// locks and starts them. again: something is worth another look soon
+// (refused locks, handoffs left for later).
+func (r *run) step(ctx context.Context, outs []outcome, free int) (started int, again bool, err error) {
+	// Release first: the step makes the next in line ready, and it should
+	// find its resources free. The handlers have returned, so nothing is
+	// done under these grants any more.
+	var owners []Owner
+	for i := range outs {
+		if outs[i].owner {
+			owners = append(owners, Owner{r.id, outs[i].task.ID})
+			outs[i].owner = false // a failed release is not retried: leases run out, a broken session drops all
+		}
+	}
+	if len(owners) > 0 {
+		if err := r.lock.Release(ctx, owners); err != nil {
+			r.log.Warn("tasking: release locks", "err", err)
+		}
+	}
+
+	res, err := r.c.step(ctx, r.conn, r.id, outs, r.names, free, r.c.bus.dispatchChannel())
+	if err != nil {
+		return 0, false, err
+	}
+	r.mu.Lock()
+	for _, o := range outs {
+		delete(r.unsent, o.task.ID)
+	}
+	r.mu.Unlock()
+	for _, o := range outs {
+		if !res.done[o.task.ID] {
+			r.log.Warn("tasking: task was no longer this worker's to finish", "task", o.task.ID)
+		}
+	}
+	if len(outs) > 0 {
+		r.c.waits.poke()
+	}
+	if res.left > 0 && r.c.bus.dispatchChannel() == "" {
+		r.c.bus.released(ctx) // the step could not notify them itself
+	}
+	again = res.handoffs
+
+	// Locks for the claimed tasks that name resources, in one call.
+	var reqs []LockRequest
+	var need []*Task
+	for _, t := range res.claimed {
+		if len(t.Exclusive)+len(t.Shared) > 0 {
+			reqs = append(reqs, LockRequest{Owner: Owner{r.id, t.ID}, Exclusive: t.Exclusive, Shared: t.Shared})
+			need = append(need, t)
+		}
+	}
+	var refused []*Task
+	var lockErr error
+	if len(reqs) > 0 {
+		fences, err := r.lock.TryAcquire(ctx, reqs)
+		if err != nil {
+			// The locker is out of reach: what names resources goes back in
+			// line; tasks without resources need no grant.
+			if rerr := r.lock.Release(ctx, ownersOf(reqs)); rerr != nil {
+				r.log.Warn("tasking: release after failed acquire", "err", rerr)
+			}
+			refused, lockErr = need, fmt.Errorf("acquire locks: %w", err)
+		} else {
+			for i, t := range need {
+				if fences[i] > 0 {
+					t.Fence = fences[i]
+				} else {
+					refused = append(refused, t)
+				}
+			}
+		}
+	}
+	if len(refused) > 0 {
+		// Refused: a grant of a worker that was declared lost, not freed yet
+		// (it runs out with its lease or session). The tasks keep their
+		// place in line and are claimed again shortly.
+		if err := r.unclaim(ctx, refused); err != nil {
+			r.log.Warn("tasking: put back tasks whose locks were refused", "err", err)
+		}
+		again = true
+	}
+	skip := make(map[int64]bool, len(refused))
+	for _, t := range refused {
+		skip[t.ID] = true
+	}
+	for _, t := range res.claimed {
+		if !skip[t.ID] {
+			r.start(t)
+			started++
+		}
+	}
+	return started, again, lockErr
+}
+
+// unclaim puts claimed tasks that will not run here back to waiting, guarded
+// by owner and epoch. They keep their place: their entries never left the
+// lines.
+func (r *run) unclaim(ctx context.Context, ts []*Task) error {
+	ids, epochs := make([]int64, len(ts)), make([]int32, len(ts))
+	for i, t := range ts {
+		ids[i], epochs[i] = t.ID, int32(t.Epoch)
+	}
+	_, err := r.conn.Exec(ctx, r.c.q.unclaim, r.id, ids, epochs)
+	return err
+}
+
+func ownersOf(reqs []LockRequest) []Owner {
+	owners := make([]Owner, len(reqs))
+	for i, q := range reqs {
+		owners[i] = q.Owner
+	}
+	return owners
+}
