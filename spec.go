@@ -102,6 +102,11 @@ func marshalArgs(args any) ([]byte, error) {
 			return nil, inputErr("args", "do not marshal to JSON: %v", err)
 		}
 	}
+	// Before anything reads the bytes: PostgreSQL would take seconds to
+	// refuse them (SQLSTATE 54000), aborting the caller's transaction.
+	if len(b) > MaxArgsSize {
+		return nil, inputErr("args", "%d bytes of JSON, at most %d allowed (MaxArgsSize)", len(b), MaxArgsSize)
+	}
 	if !json.Valid(b) {
 		return nil, inputErr("args", "raw args are not valid JSON")
 	}

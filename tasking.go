@@ -22,6 +22,12 @@ const (
 	MaxTaskNameLen     = 255  // bytes
 	MaxResourceNameLen = 1024 // bytes
 	MaxResources       = 128  // distinct names per task, exclusive and shared together
+
+	// MaxArgsSize is the largest task args, in bytes of JSON. PostgreSQL's
+	// jsonb holds at most about 255 MiB, and JSON text can grow up to six
+	// times on the way in (an array of one-digit numbers), so every JSON
+	// text of this size fits.
+	MaxArgsSize = 32 << 20
 )
 
 // DefaultSchema is the schema used when [WithSchema] is not given.
@@ -280,7 +286,7 @@ func Timeout(d time.Duration) DispatchOption {
 // TaskSpec describes one task to dispatch. Build it with [Spec] or fill it in.
 type TaskSpec struct {
 	Name      string
-	Args      any // marshalled to JSON; json.RawMessage and []byte are taken as JSON
+	Args      any // marshalled to JSON; json.RawMessage and []byte are taken as JSON; at most MaxArgsSize bytes
 	Exclusive []string
 	Shared    []string
 	Timeout   time.Duration // 0: none
