@@ -252,3 +252,25 @@ func containsNUL(s string) bool {
 	}
 	return false
 }
+
+// checkSchemaName enforces WithSchema's rule. Quoting alone is not enough:
+// the migrations put the quoted name inside string literals and $$-quoted
+// function bodies, where a ' or $$ in it ends the quote.
+func checkSchemaName(s string) error {
+	if s == "" || len(s) > 63 {
+		return inputErr("schema", "name must be 1 to 63 bytes, got %d", len(s))
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c == '_':
+		case c >= '0' && c <= '9' && i > 0:
+		default:
+			return inputErr("schema", "name %q: only ASCII letters, digits and underscores, not starting with a digit", s)
+		}
+	}
+	if strings.HasPrefix(s, "pg_") {
+		return inputErr("schema", "name %q: names starting with pg_ are reserved by PostgreSQL", s)
+	}
+	return nil
+}

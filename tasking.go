@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"sync"
 	"time"
-	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -174,6 +173,11 @@ type clientConfig struct {
 
 // WithSchema sets the PostgreSQL schema that holds tasking's tables.
 // Default: "tasking" ([DefaultSchema]).
+//
+// A name is 1 to 63 ASCII letters, digits and underscores, not starting with
+// a digit and not with "pg_" (PostgreSQL reserves those); [New] refuses
+// anything else. Such a name is safe everywhere tasking puts it: in SQL, in
+// the migrations' function bodies, in NOTIFY channels and in Redis keys.
 func WithSchema(name string) Option { return func(c *clientConfig) { c.schema = name } }
 
 // WithLogger sets the logger. Default: [slog.Default].
@@ -193,11 +197,8 @@ func New(pool *pgxpool.Pool, opts ...Option) (*Client, error) {
 	for _, o := range opts {
 		o(&cfg)
 	}
-	if cfg.schema == "" || len(cfg.schema) > 63 {
-		return nil, inputErr("schema", "name must be 1 to 63 bytes, got %d", len(cfg.schema))
-	}
-	if !utf8.ValidString(cfg.schema) || containsNUL(cfg.schema) {
-		return nil, inputErr("schema", "name must be valid UTF-8 without NUL bytes")
+	if err := checkSchemaName(cfg.schema); err != nil {
+		return nil, err
 	}
 	if cfg.logger == nil {
 		cfg.logger = slog.Default()

@@ -92,6 +92,35 @@ func TestNewValidation(t *testing.T) {
 	}
 }
 
+// TestNewSchemaNames: New refuses a schema name Migrate could not use (a '
+// or $$ ends a quote inside the migrations) or that is merely odd, before
+// anything is created; every name it accepts migrates.
+func TestNewSchemaNames(t *testing.T) {
+	t.Parallel()
+	pool := testdb.Pool(t, 2)
+	ctx := ctxT(t, 60*time.Second)
+	for _, s := range []string{"a'b", "a$$b", "a$b", `a"b`, "a b", "a-b", "a.b", "a;b", `a\b`, "é", "1abc", "pg_tasks", "a\nb"} {
+		c, err := tasking.New(pool, tasking.WithSchema(s))
+		require.Nil(t, c, "schema %q", s)
+		requireInputError(t, err, "schema", fmt.Sprintf("%q", s))
+	}
+	base := testdb.Schema(t, pool) // dropped at the end; the others below too
+	longest := base + "_" + strings.Repeat("9", 62-len(base))
+	require.Len(t, longest, 63)
+	for _, s := range []string{base, "T" + base[1:], longest} {
+		if s != base {
+			t.Cleanup(func() {
+				_, _ = pool.Exec(context.Background(), "DROP SCHEMA IF EXISTS "+pgx.Identifier{s}.Sanitize()+" CASCADE")
+			})
+		}
+		c, err := tasking.New(pool, tasking.WithSchema(s), tasking.WithLogger(quietLogger()))
+		require.NoError(t, err, "schema %q", s)
+		require.NoError(t, c.Migrate(ctx), "schema %q", s)
+		_, err = c.Dispatch(ctx, "t", nil, tasking.Exclusive("x"))
+		require.NoError(t, err, "schema %q", s)
+	}
+}
+
 // TestValidationDispatch feeds Dispatch, DispatchMany and DispatchManyTx
 // every kind of bad input: each is rejected with an error that names the
 // problem, and nothing reaches the tasks table.
