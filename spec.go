@@ -274,3 +274,20 @@ func checkSchemaName(s string) error {
 	}
 	return nil
 }
+
+// checkListFilter checks List's text filters as Dispatch checks the names
+// they match: a NUL byte or invalid UTF-8 would otherwise come back from
+// PostgreSQL as a raw SQLSTATE 22021. Empty means "any".
+func checkListFilter(f ListFilter) error {
+	if f.Name != "" {
+		if err := checkName("task name", f.Name, MaxTaskNameLen); err != nil {
+			return err
+		}
+	}
+	if f.Resource != "" {
+		if err := checkName("resource name", f.Resource, MaxResourceNameLen); err != nil {
+			return err
+		}
+	}
+	return nil
+}

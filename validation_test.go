@@ -377,6 +377,22 @@ func TestValidationGetAndList(t *testing.T) {
 	}
 	_, _, err = e.c.List(ctx, tasking.ListFilter{State: "bogus"})
 	requireInputError(t, err, "state", `"bogus"`)
+	// Text filters are checked as Dispatch checks the names they match.
+	for _, tc := range []struct {
+		f     tasking.ListFilter
+		field string
+		words string
+	}{
+		{tasking.ListFilter{Name: "a\x00b"}, "task name", "NUL"},
+		{tasking.ListFilter{Name: "a\xffb"}, "task name", "UTF-8"},
+		{tasking.ListFilter{Name: strings.Repeat("n", tasking.MaxTaskNameLen+1)}, "task name", "at most 255"},
+		{tasking.ListFilter{Resource: "r\x00"}, "resource name", "NUL"},
+		{tasking.ListFilter{Resource: "\xc3\x28"}, "resource name", "UTF-8"},
+		{tasking.ListFilter{Resource: strings.Repeat("r", tasking.MaxResourceNameLen+1)}, "resource name", "at most 1024"},
+	} {
+		_, _, err = e.c.List(ctx, tc.f)
+		requireInputError(t, err, tc.field, tc.words)
+	}
 	_, _, err = e.c.List(ctx, tasking.ListFilter{Limit: 10000, State: tasking.StateWaiting})
 	require.NoError(t, err)
 }
