@@ -18,8 +18,9 @@ test-short: ## run the test suite without the slower fleet tests
 bench: ## run the Go benchmarks once each
 	./scripts/services.sh go test -run '^$$' -bench . -benchtime 1x ./...
 
-lint: ## gofmt, go vet, and staticcheck when installed
+lint: ## gofmt, go mod tidy -diff, go vet, and staticcheck when installed
 	@test -z "$$(gofmt -l .)" || { gofmt -l .; echo "gofmt: files above need formatting"; exit 1; }
+	go mod tidy -diff
 	go vet ./...
 	@if command -v staticcheck >/dev/null; then staticcheck ./...; else echo "staticcheck not installed (go install honnef.co/go/tools/cmd/staticcheck@latest)"; fi
 

@@ -75,11 +75,11 @@ func benchDrain(b *testing.B, workload, locker string, n, slots, workers int) {
 			w.Handle("noop", handler)
 			go func() { errc <- w.Run(rctx) }()
 		}
-		<-finished
+		recv(b, finished, 10*time.Minute)
 		b.StopTimer()
 		cancel()
 		for k := 0; k < workers; k++ {
-			require.NoError(b, <-errc)
+			require.NoError(b, recv(b, errc, time.Minute))
 		}
 		rate = float64(n) / (float64(last.Load()-first.Load()) / 1e9)
 	}
@@ -107,10 +107,10 @@ func BenchmarkCancelLatency(b *testing.B) {
 	for i := 0; i < b.N; i++ {
 		task, err := c.Dispatch(ctx, "block", nil, tasking.Exclusive("x"))
 		require.NoError(b, err)
-		<-started
+		recv(b, started, 30*time.Second)
 		at := time.Now()
 		require.NoError(b, c.Cancel(ctx, task.ID))
-		lat = append(lat, (<-seen).Sub(at))
+		lat = append(lat, recv(b, seen, 30*time.Second).Sub(at))
 		_, err = c.Wait(ctx, task.ID)
 		require.NoError(b, err)
 	}

@@ -35,7 +35,7 @@ func TestCancel(t *testing.T) {
 
 	running, err := c.Dispatch(ctx, "block", nil, tasking.Exclusive("x"))
 	require.NoError(t, err)
-	<-started
+	recv(t, started, 30*time.Second)
 	waiting, err := c.Dispatch(ctx, "never", nil, tasking.Exclusive("x"))
 	require.NoError(t, err)
 
@@ -46,7 +46,7 @@ func TestCancel(t *testing.T) {
 	require.False(t, got.FinishedAt.IsZero())
 
 	require.NoError(t, c.Cancel(ctx, running.ID))
-	require.ErrorIs(t, <-causes, tasking.ErrCanceled)
+	require.ErrorIs(t, recv(t, causes, 30*time.Second), tasking.ErrCanceled)
 	got, err = c.Wait(ctx, running.ID)
 	require.NoError(t, err)
 	require.Equal(t, tasking.StateCanceled, got.State)
@@ -144,7 +144,7 @@ func TestTimeouts(t *testing.T) {
 		require.NoError(t, err)
 		require.Equal(t, tasking.StateFailed, got.State)
 		require.Equal(t, "timeout", got.Error)
-		require.ErrorIs(t, <-causes, tasking.ErrTimeout)
+		require.ErrorIs(t, recv(t, causes, 30*time.Second), tasking.ErrTimeout)
 	}
 
 	for _, d := range []time.Duration{-time.Second, time.Microsecond} {
@@ -247,11 +247,11 @@ func TestStopHard(t *testing.T) {
 	go func() { done <- w.Run(context.Background()) }()
 	task, err := c.Dispatch(ctx, "block", nil)
 	require.NoError(t, err)
-	<-started
+	recv(t, started, 30*time.Second)
 	hard, cancel := context.WithCancel(ctx)
 	cancel()
 	require.NoError(t, w.Stop(hard))
-	require.NoError(t, <-done)
+	require.NoError(t, recv(t, done, 30*time.Second))
 	got, err := c.Get(ctx, task.ID)
 	require.NoError(t, err)
 	require.Equal(t, tasking.StateFailed, got.State)

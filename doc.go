@@ -99,6 +99,10 @@
 // already hold the resources when the old handler notices: the fencing token
 // ([Task.Fence]) lets side effects refuse a stale holder.
 //
+// A handler runs at most once: tasking never retries a task, whether its
+// handler returned an error or was interrupted. Dispatch it again for
+// another attempt.
+//
 // # Shut down
 //
 // Cancel the context given to Run, or call [Worker.Stop] with a deadline.

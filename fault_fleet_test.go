@@ -297,7 +297,7 @@ func (fx *faultRun) kill(p *faultProc) {
 	p.killedAt = time.Now().UnixNano()
 	fx.mu.Unlock()
 	_ = p.cmd.Process.Signal(syscall.SIGKILL)
-	<-p.done
+	recv(fx.t, p.done, 30*time.Second)
 }
 
 // dispatch stores the workload in waves. A dispatch that fails (the server
@@ -432,7 +432,11 @@ func (fx *faultRun) killAll() {
 		default:
 			_ = p.cmd.Process.Signal(syscall.SIGCONT)
 			_ = p.cmd.Process.Signal(syscall.SIGKILL)
-			<-p.done
+			select { // not recv: a stuck one must not keep the rest alive
+			case <-p.done:
+			case <-time.After(30 * time.Second):
+				fx.t.Errorf("worker %s (pid %d) still there 30s after SIGKILL", p.name, p.pid)
+			}
 		}
 	}
 }

@@ -260,11 +260,11 @@ func runFaultScenario(t *testing.T, bin string, seed uint64, sc faultScenario) {
 		defer close(dispatched)
 		dispatchErr = fx.dispatch(ctx, specs)
 	}()
-	t.Cleanup(func() { cancel(); <-dispatched }) // the dispatcher never outlives the test
+	t.Cleanup(func() { cancel(); recv(t, dispatched, time.Minute) }) // the dispatcher never outlives the test
 	stopBg := sync.OnceFunc(func() { close(fx.quit); fx.bg.Wait() })
 	t.Cleanup(stopBg) // nor does anything the scenario started
 	sc.inject(fx)
-	<-dispatched
+	recv(t, dispatched, 3*time.Minute) // dispatch gives up after 2 minutes
 	if dispatchErr != nil {
 		t.Fatalf("dispatch: %v", dispatchErr)
 	}

@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"runtime"
 	"testing"
 	"time"
 
@@ -66,6 +67,21 @@ func runWorker(t testing.TB, w *tasking.Worker) {
 	})
 }
 
+// recv returns the next value from ch, or fails the test when none arrives
+// within d: a lost signal then fails the test instead of hanging CI until
+// go test's global timeout.
+func recv[T any](t testing.TB, ch <-chan T, d time.Duration) T {
+	t.Helper()
+	select {
+	case v := <-ch:
+		return v
+	case <-time.After(d):
+		t.Fatalf("nothing received on the channel within %v", d)
+		var zero T
+		return zero
+	}
+}
+
 func ctxT(t testing.TB, d time.Duration) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	t.Cleanup(cancel)
@@ -92,4 +108,39 @@ func ownTask(t testing.TB, pool *pgxpool.Pool, schema string, worker, task int64
 	_, err := pool.Exec(context.Background(), `UPDATE `+pgx.Identifier{schema}.Sanitize()+
 		`.tasks SET state = $1, worker_id = $2, epoch = 1 WHERE id = $3`, string(state), worker, task)
 	require.NoError(t, err)
+}
+
+// fatalRecorder is a testing.TB whose Fatalf records the failure and ends
+// the goroutine, as the real one does.
+type fatalRecorder struct {
+	testing.TB
+	failed bool
+}
+
+func (r *fatalRecorder) Helper() {}
+func (r *fatalRecorder) Fatalf(string, ...any) {
+	r.failed = true
+	runtime.Goexit()
+}
+
+// TestRecv: recv hands over a value that arrives, and fails, rather than
+// blocks, when none does.
+func TestRecv(t *testing.T) {
+	t.Parallel()
+	ch := make(chan int, 1)
+	ch <- 7
+	require.Equal(t, 7, recv(t, ch, time.Second))
+
+	r := &fatalRecorder{TB: t}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		recv(r, make(chan int), 10*time.Millisecond)
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("recv blocked past its timeout")
+	}
+	require.True(t, r.failed, "recv returned without failing the test")
 }

@@ -73,7 +73,7 @@ func TestRedisLocksLost(t *testing.T) {
 
 			held, err := c.Dispatch(ctx, "hold", nil, tasking.Exclusive("repo:1"))
 			require.NoError(t, err)
-			<-started
+			recv(t, started, 30*time.Second)
 			switch tc {
 			case "flushall":
 				require.NoError(t, srv.FlushAll())
@@ -294,7 +294,7 @@ func TestRedisScriptKeysShareASlot(t *testing.T) {
 				time.Sleep(5 * time.Millisecond)
 			}
 		}()
-		<-renewed
+		recv(t, renewed, 30*time.Second)
 		require.NoError(t, s.Release(ctx, []tasking.Owner{reqs[0].Owner}))
 		require.NoError(t, s.Close(ctx))
 
@@ -381,7 +381,7 @@ func TestRedisNotifyAfterDispatchTx(t *testing.T) {
 	// A plain Dispatch publishes a wake-up.
 	first, err := c.Dispatch(ctx, "t", nil)
 	require.NoError(t, err)
-	<-ran
+	recv(t, ran, 30*time.Second)
 	_, err = c.Wait(ctx, first.ID)
 	require.NoError(t, err)
 	// The slot freed by the first task starts one more admission cycle;
@@ -473,7 +473,7 @@ func TestRedisCancel(t *testing.T) {
 	runWorker(t, w)
 	task, err := c.Dispatch(ctx, "block", nil, tasking.Exclusive("x"))
 	require.NoError(t, err)
-	<-started
+	recv(t, started, 30*time.Second)
 	require.NoError(t, c.Cancel(ctx, task.ID))
 	select {
 	case cause := <-causes:

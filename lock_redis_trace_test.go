@@ -107,7 +107,7 @@ func TestRedisLockerSendsNoPostgresSignals(t *testing.T) {
 				require.Equal(t, tasking.StateCompleted, got.State)
 			}
 			stop()
-			require.NoError(t, <-done)
+			require.NoError(t, recv(t, done, time.Minute))
 
 			tracer.mu.Lock()
 			defer tracer.mu.Unlock()

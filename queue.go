@@ -268,6 +268,9 @@ type ListFilter struct {
 // the next page, 0 when there are no more. Listing the waiting tasks that
 // name a resource shows what is queued on it, in the order it will run.
 func (c *Client) List(ctx context.Context, f ListFilter) ([]*Task, int64, error) {
+	if err := checkListFilter(f); err != nil {
+		return nil, 0, err
+	}
 	if f.Limit == 0 {
 		f.Limit = 100
 	}

@@ -56,6 +56,11 @@ func marshalArgs(args any) ([]byte, error) {
 			return nil, inputErr("args", "do not marshal to JSON: %v", err)
 		}
 	}
+	// Before anything reads the bytes: PostgreSQL would take seconds to
+	// refuse them (SQLSTATE 54000), aborting the caller's transaction.
+	if len(b) > MaxArgsSize {
+		return nil, inputErr("args", "%d bytes of JSON, at most %d allowed (MaxArgsSize)", len(b), MaxArgsSize)
+	}
 	if !json.Valid(b) {
 		return nil, inputErr("args", "raw args are not valid JSON")
 	}
@@ -200,4 +205,43 @@ func containsNUL(s string) bool {
 		}
 	}
 	return false
+}
+
+// checkSchemaName enforces WithSchema's rule. Quoting alone is not enough:
+// the migrations put the quoted name inside string literals and $$-quoted
+// function bodies, where a ' or $$ in it ends the quote.
+func checkSchemaName(s string) error {
+	if s == "" || len(s) > 63 {
+		return inputErr("schema", "name must be 1 to 63 bytes, got %d", len(s))
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c == '_':
+		case c >= '0' && c <= '9' && i > 0:
+		default:
+			return inputErr("schema", "name %q: only ASCII letters, digits and underscores, not starting with a digit", s)
+		}
+	}
+	if strings.HasPrefix(s, "pg_") {
+		return inputErr("schema", "name %q: names starting with pg_ are reserved by PostgreSQL", s)
+	}
+	return nil
+}
+
+// checkListFilter checks List's text filters as Dispatch checks the names
+// they match: a NUL byte or invalid UTF-8 would otherwise come back from
+// PostgreSQL as a raw SQLSTATE 22021. Empty means "any".
+func checkListFilter(f ListFilter) error {
+	if f.Name != "" {
+		if err := checkName("task name", f.Name, MaxTaskNameLen); err != nil {
+			return err
+		}
+	}
+	if f.Resource != "" {
+		if err := checkName("resource name", f.Resource, MaxResourceNameLen); err != nil {
+			return err
+		}
+	}
+	return nil
 }

@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"sync"
 	"time"
-	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -22,6 +21,12 @@ const (
 	MaxTaskNameLen     = 255  // bytes
 	MaxResourceNameLen = 1024 // bytes
 	MaxResources       = 128  // distinct names per task, exclusive and shared together
+
+	// MaxArgsSize is the largest task args, in bytes of JSON. PostgreSQL's
+	// jsonb holds at most about 255 MiB, and JSON text can grow up to six
+	// times on the way in (an array of one-digit numbers), so every JSON
+	// text of this size fits.
+	MaxArgsSize = 32 << 20
 )
 
 // DefaultSchema is the schema used when [WithSchema] is not given.
@@ -168,6 +173,11 @@ type clientConfig struct {
 
 // WithSchema sets the PostgreSQL schema that holds tasking's tables.
 // Default: "tasking" ([DefaultSchema]).
+//
+// A name is 1 to 63 ASCII letters, digits and underscores, not starting with
+// a digit and not with "pg_" (PostgreSQL reserves those); [New] refuses
+// anything else. Such a name is safe everywhere tasking puts it: in SQL, in
+// the migrations' function bodies, in NOTIFY channels and in Redis keys.
 func WithSchema(name string) Option { return func(c *clientConfig) { c.schema = name } }
 
 // WithLogger sets the logger. Default: [slog.Default].
@@ -187,11 +197,8 @@ func New(pool *pgxpool.Pool, opts ...Option) (*Client, error) {
 	for _, o := range opts {
 		o(&cfg)
 	}
-	if cfg.schema == "" || len(cfg.schema) > 63 {
-		return nil, inputErr("schema", "name must be 1 to 63 bytes, got %d", len(cfg.schema))
-	}
-	if !utf8.ValidString(cfg.schema) || containsNUL(cfg.schema) {
-		return nil, inputErr("schema", "name must be valid UTF-8 without NUL bytes")
+	if err := checkSchemaName(cfg.schema); err != nil {
+		return nil, err
 	}
 	if cfg.logger == nil {
 		cfg.logger = slog.Default()
@@ -285,7 +292,7 @@ func Timeout(d time.Duration) DispatchOption {
 // TaskSpec describes one task to dispatch. Build it with [Spec] or fill it in.
 type TaskSpec struct {
 	Name      string
-	Args      any // marshalled to JSON; json.RawMessage and []byte are taken as JSON
+	Args      any // marshalled to JSON; json.RawMessage and []byte are taken as JSON; at most MaxArgsSize bytes
 	Exclusive []string
 	Shared    []string
 	Timeout   time.Duration // 0: none

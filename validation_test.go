@@ -92,6 +92,35 @@ func TestNewValidation(t *testing.T) {
 	}
 }
 
+// TestNewSchemaNames: New refuses a schema name Migrate could not use (a '
+// or $$ ends a quote inside the migrations) or that is merely odd, before
+// anything is created; every name it accepts migrates.
+func TestNewSchemaNames(t *testing.T) {
+	t.Parallel()
+	pool := testdb.Pool(t, 2)
+	ctx := ctxT(t, 60*time.Second)
+	for _, s := range []string{"a'b", "a$$b", "a$b", `a"b`, "a b", "a-b", "a.b", "a;b", `a\b`, "é", "1abc", "pg_tasks", "a\nb"} {
+		c, err := tasking.New(pool, tasking.WithSchema(s))
+		require.Nil(t, c, "schema %q", s)
+		requireInputError(t, err, "schema", fmt.Sprintf("%q", s))
+	}
+	base := testdb.Schema(t, pool) // dropped at the end; the others below too
+	longest := base + "_" + strings.Repeat("9", 62-len(base))
+	require.Len(t, longest, 63)
+	for _, s := range []string{base, "T" + base[1:], longest} {
+		if s != base {
+			t.Cleanup(func() {
+				_, _ = pool.Exec(context.Background(), "DROP SCHEMA IF EXISTS "+pgx.Identifier{s}.Sanitize()+" CASCADE")
+			})
+		}
+		c, err := tasking.New(pool, tasking.WithSchema(s), tasking.WithLogger(quietLogger()))
+		require.NoError(t, err, "schema %q", s)
+		require.NoError(t, c.Migrate(ctx), "schema %q", s)
+		_, err = c.Dispatch(ctx, "t", nil, tasking.Exclusive("x"))
+		require.NoError(t, err, "schema %q", s)
+	}
+}
+
 // TestValidationDispatch feeds Dispatch, DispatchMany and DispatchManyTx
 // every kind of bad input: each is rejected with an error that names the
 // problem, and nothing reaches the tasks table.
@@ -214,6 +243,60 @@ func TestValidationArgsPostgresRejects(t *testing.T) {
 	}
 }
 
+// TestValidationArgsTooLarge: args over MaxArgsSize are refused before
+// anything is sent, and the caller's transaction stays usable. Without the
+// check PostgreSQL takes seconds to refuse a value over jsonb's ~255 MiB
+// (SQLSTATE 54000) and aborts the transaction.
+func TestValidationArgsTooLarge(t *testing.T) {
+	t.Parallel()
+	e := newVEnv(t)
+	ctx := ctxT(t, 60*time.Second)
+
+	// The case from the field: a string jsonb cannot hold at all (its
+	// strings stop at 2^28-1 bytes). Raw, so the test does not spend its
+	// time in json.Marshal.
+	huge := json.RawMessage(`{"blob":"` + strings.Repeat("x", 256<<20) + `"}`)
+	_, err := e.c.Dispatch(ctx, "t", huge)
+	requireInputError(t, err, "args", fmt.Sprint(len(huge)), "at most 33554432", "MaxArgsSize")
+	huge = nil
+
+	// One byte over the limit, inside the caller's transaction.
+	over := json.RawMessage(`"` + strings.Repeat("x", tasking.MaxArgsSize-1) + `"`)
+	tx, err := e.pool.Begin(ctx)
+	require.NoError(t, err)
+	defer func() { _ = tx.Rollback(ctx) }()
+	_, err = e.c.DispatchTx(ctx, tx, "t", over)
+	requireInputError(t, err, "args", "33554433 bytes")
+	_, err = tx.Exec(ctx, "SELECT 1")
+	require.NoError(t, err, "oversized args aborted the caller's transaction")
+
+	// In a batch, as []byte: none of the batch is stored.
+	_, err = e.c.DispatchMany(ctx, tasking.Spec("ok", nil), tasking.Spec("t", []byte(over)))
+	requireInputError(t, err, "args", "33554433 bytes")
+	require.Zero(t, e.rows(t, "tasks"))
+}
+
+// TestMaxArgsSizeFitsJsonb: every JSON text of MaxArgsSize bytes fits in
+// jsonb, whose containers hold at most 2^28-1 bytes. JSON grows most on the
+// way into jsonb as arrays of tiny values (about six times for one-digit
+// numbers); jsonb's size is linear in the element count, so a sample of
+// each shape, scaled up, bounds the worst case without moving 200 MiB.
+func TestMaxArgsSizeFitsJsonb(t *testing.T) {
+	t.Parallel()
+	pool := testdb.Pool(t, 1)
+	ctx := ctxT(t, 60*time.Second)
+	const sample = 64 << 10
+	const jsonbMax = 1<<28 - 1
+	for _, elem := range []string{"1", "0", "[]", "{}", "[1]", `""`, "true", "null", "1.5", "-1"} {
+		text := "[" + strings.Repeat(elem+",", sample/(len(elem)+1)) + elem + "]"
+		var size int64
+		require.NoError(t, pool.QueryRow(ctx, "SELECT pg_column_size($1::text::jsonb)", text).Scan(&size))
+		worst := size * tasking.MaxArgsSize / int64(len(text))
+		require.Less(t, worst, int64(jsonbMax),
+			"%d bytes of [%s,%s,...] would become about %d bytes of jsonb", tasking.MaxArgsSize, elem, elem, worst)
+	}
+}
+
 // TestValidationLimitsAccepted: input right at the limits is stored as given.
 func TestValidationLimitsAccepted(t *testing.T) {
 	t.Parallel()
@@ -294,6 +377,22 @@ func TestValidationGetAndList(t *testing.T) {
 	}
 	_, _, err = e.c.List(ctx, tasking.ListFilter{State: "bogus"})
 	requireInputError(t, err, "state", `"bogus"`)
+	// Text filters are checked as Dispatch checks the names they match.
+	for _, tc := range []struct {
+		f     tasking.ListFilter
+		field string
+		words string
+	}{
+		{tasking.ListFilter{Name: "a\x00b"}, "task name", "NUL"},
+		{tasking.ListFilter{Name: "a\xffb"}, "task name", "UTF-8"},
+		{tasking.ListFilter{Name: strings.Repeat("n", tasking.MaxTaskNameLen+1)}, "task name", "at most 255"},
+		{tasking.ListFilter{Resource: "r\x00"}, "resource name", "NUL"},
+		{tasking.ListFilter{Resource: "\xc3\x28"}, "resource name", "UTF-8"},
+		{tasking.ListFilter{Resource: strings.Repeat("r", tasking.MaxResourceNameLen+1)}, "resource name", "at most 1024"},
+	} {
+		_, _, err = e.c.List(ctx, tc.f)
+		requireInputError(t, err, tc.field, tc.words)
+	}
 	_, _, err = e.c.List(ctx, tasking.ListFilter{Limit: 10000, State: tasking.StateWaiting})
 	require.NoError(t, err)
 }
