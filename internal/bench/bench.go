@@ -49,6 +49,7 @@ type Config struct {
 	Dispatchers int           // backlog: concurrent DispatchMany batches; stream: Dispatch loops
 	Batch       int           // backlog: tasks per DispatchMany
 	StopAfter   int           // stop once this many tasks are done (0: drain all)
+	MaxDrain    time.Duration // stop this long after the workers started, and measure the tasks done (0: no limit)
 	Repeat      int           // trials per locker, interleaved; the report shows medians
 	PoolConns   int32         // worker pool size per process (0: pgx's default)
 	Poll        time.Duration // worker fallback poll interval
@@ -95,6 +96,7 @@ type Result struct {
 
 	PeakConns      int     `json:"peak_pg_connections"`
 	PeakConnsProc  int     `json:"peak_connections_per_worker_process"` // to PostgreSQL, or to PgBouncer with one
+	PeakConnsWork  int     `json:"peak_pg_connections_workers"`         // the workers' (through PgBouncer, its servers')
 	PeakBouncer    int     `json:"peak_pgbouncer_server_connections,omitempty"`
 	ConnErrors     int64   `json:"connection_errors_workers"`  // failed connection attempts
 	DispatchConnEr int64   `json:"connection_errors_dispatch"` // failed connection attempts
@@ -131,6 +133,7 @@ type reportConfig struct {
 	Dispatchers int      `json:"dispatchers"`
 	Batch       int      `json:"batch"`
 	StopAfter   int      `json:"stop_after,omitempty"`
+	MaxDrain    string   `json:"max_drain,omitempty"`
 	Repeat      int      `json:"repeat"`
 	PoolConns   int32    `json:"pool_conns"`
 	PgBouncer   int      `json:"pgbouncer_pool,omitempty"`
@@ -180,6 +183,9 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		Batch: cfg.Batch, StopAfter: cfg.StopAfter, Repeat: cfg.Repeat, PoolConns: cfg.PoolConns,
 		PgBouncer: cfg.PgBouncer, Seed: cfg.Seed, GOMAXPROCS: numCPU(),
 	}}
+	if cfg.MaxDrain > 0 {
+		rep.Config.MaxDrain = cfg.MaxDrain.String()
+	}
 	if bouncer != nil {
 		rep.Config.PgBouncerV = bouncer.version
 	}
@@ -257,6 +263,9 @@ func (c *Config) check() error {
 	}
 	if c.Workload == "hot" && (c.Head < 1 || c.Head >= c.Tasks) {
 		errs = append(errs, fmt.Errorf("-head %d: need 1 <= head < tasks (%d)", c.Head, c.Tasks))
+	}
+	if c.MaxDrain < 0 {
+		errs = append(errs, errors.New("-max-drain must not be negative"))
 	}
 	if c.PgBouncer < 0 {
 		errs = append(errs, fmt.Errorf("-pgbouncer %d: want a server pool size, or 0 for none", c.PgBouncer))
@@ -420,10 +429,11 @@ func (t *trial) run(ctx context.Context) (res *Result, err error) {
 	if cfg.StopAfter > 0 && cfg.StopAfter < total {
 		target = int64(cfg.StopAfter)
 	}
-	if err := t.waitDone(ctx, fl, target, dispatchDone, &dispatchErr); err != nil {
+	timedOut, err := t.waitDone(ctx, fl, target, res.WorkersStarted, dispatchDone, &dispatchErr)
+	if err != nil {
 		return nil, err
 	}
-	if target == int64(total) {
+	if target == int64(total) && !timedOut {
 		// Every handler returned; wait for the last final states.
 		for {
 			n, err := unfinished(ctx, t.mon, t.schema)
@@ -501,7 +511,7 @@ func (t *trial) run(ctx context.Context) (res *Result, err error) {
 	}
 	res.PGDispatchCPU, res.PGWorkerCPU, _ = smp.backendCPU()
 	_, res.PeakConns = smp.conns()
-	res.PeakConnsProc, res.PeakBouncer = smp.peaks()
+	res.PeakConnsProc, res.PeakConnsWork, res.PeakBouncer = smp.peaks()
 	res.ConnErrors, res.DispatchConnEr = fl.connErrors(), dispatchConnErrs.Load()
 
 	// The tasks table.
@@ -632,11 +642,12 @@ func (t *trial) dispatchStream(ctx context.Context, c *tasking.Client, groups []
 	return <-errc
 }
 
-// waitDone waits until the fleet's handlers have run target tasks. It fails
-// when nothing finishes for a minute, or when every worker process has
-// ended; one that ends while others go on is reported on stderr and in the
-// result (a fleet short of connection slots loses some), not a failure.
-func (t *trial) waitDone(ctx context.Context, fl *fleet, target int64, dispatchDone <-chan struct{}, dispatchErr *error) error {
+// waitDone waits until the fleet's handlers have run target tasks, or
+// until cfg.MaxDrain has passed since started (timedOut). It fails when
+// nothing finishes for a minute, or when every worker process has ended;
+// one that ends while others go on is reported on stderr and in the result
+// (a fleet short of connection slots loses some), not a failure.
+func (t *trial) waitDone(ctx context.Context, fl *fleet, target int64, started time.Time, dispatchDone <-chan struct{}, dispatchErr *error) (timedOut bool, err error) {
 	last, lastAt := int64(-1), time.Now()
 	warned := map[int]bool{}
 	tick := time.NewTicker(5 * time.Millisecond)
@@ -644,17 +655,20 @@ func (t *trial) waitDone(ctx context.Context, fl *fleet, target int64, dispatchD
 	for {
 		select {
 		case <-ctx.Done():
-			return ctx.Err()
+			return false, ctx.Err()
 		case <-dispatchDone:
 			if *dispatchErr != nil {
-				return *dispatchErr
+				return false, *dispatchErr
 			}
 			dispatchDone = nil
 		case <-tick.C:
 		}
 		n := fl.done()
 		if n >= target {
-			return nil
+			return false, nil
+		}
+		if t.cfg.MaxDrain > 0 && time.Since(started) >= t.cfg.MaxDrain {
+			return true, nil
 		}
 		if lost, errs := fl.lost(); len(lost) > len(warned) {
 			for i, p := range lost {
@@ -664,13 +678,13 @@ func (t *trial) waitDone(ctx context.Context, fl *fleet, target int64, dispatchD
 				}
 			}
 			if len(lost) == len(fl.procs) {
-				return fmt.Errorf("every worker process ended; the first: %v", errs[0])
+				return false, fmt.Errorf("every worker process ended; the first: %v", errs[0])
 			}
 		}
 		if n != last {
 			last, lastAt = n, time.Now()
 		} else if time.Since(lastAt) > time.Minute && t.dispatched.Load() > n {
-			return fmt.Errorf("stalled: %d of %d tasks done, none for a minute", n, target)
+			return false, fmt.Errorf("stalled: %d of %d tasks done, none for a minute", n, target)
 		}
 	}
 }

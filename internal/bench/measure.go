@@ -133,6 +133,7 @@ type sampler struct {
 	peak        int
 	now         int
 	peakProc    int  // the most connections one worker process had at once
+	peakWorkers int  // the most connections the workers had at once (PgBouncer's servers, through it)
 	peakBouncer int  // the most server connections PgBouncer had at once
 	procs       bool // /proc readable for the backends
 }
@@ -222,8 +223,15 @@ func (s *sampler) sample(ctx context.Context) {
 			}
 		}
 	}
+	workers := 0
+	for _, p := range live {
+		if s.pids[uint32(p)] != ownerDispatch {
+			workers++
+		}
+	}
 	s.now = len(live)
 	s.peak = max(s.peak, len(live))
+	s.peakWorkers = max(s.peakWorkers, workers)
 	s.peakBouncer = max(s.peakBouncer, bouncerServers)
 	for _, n := range perProc {
 		s.peakProc = max(s.peakProc, n)
@@ -257,12 +265,13 @@ func (s *sampler) conns() (now, peak int) {
 }
 
 // peaks returns the most connections one worker process had at once (to
-// PostgreSQL, or to PgBouncer when there is one) and the most server
-// connections PgBouncer had at once.
-func (s *sampler) peaks() (perProc, bouncer int) {
+// PostgreSQL, or to PgBouncer when there is one), the most PostgreSQL
+// connections the workers had at once (through PgBouncer, its servers'),
+// and the most server connections PgBouncer had at once.
+func (s *sampler) peaks() (perProc, workers, bouncer int) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.peakProc, s.peakBouncer
+	return s.peakProc, s.peakWorkers, s.peakBouncer
 }
 
 var clockTick = 100.0 // USER_HZ; 100 on every Linux this runs on

@@ -46,8 +46,8 @@ func TestSamplerPeakPerWorkerProcess(t *testing.T) {
 	if now, peak := s.conns(); now != 5 || peak != 5 {
 		t.Errorf("connections now, peak = %d, %d; want 5, 5", now, peak)
 	}
-	if perProc, _ := s.peaks(); perProc != 3 {
-		t.Errorf("peak per worker process = %d, want 3 (process 0's)", perProc)
+	if perProc, workers, _ := s.peaks(); perProc != 3 || workers != 4 {
+		t.Errorf("peak per worker process, of the workers = %d, %d; want 3 (process 0's), 4", perProc, workers)
 	}
 	for _, c := range p0[:2] {
 		c.Close(ctx)
@@ -57,7 +57,7 @@ func TestSamplerPeakPerWorkerProcess(t *testing.T) {
 	if now, peak := s.conns(); now != 4 || peak != 5 {
 		t.Errorf("after closing two: connections now, peak = %d, %d; want 4, 5", now, peak)
 	}
-	if perProc, _ := s.peaks(); perProc != 3 {
+	if perProc, _, _ := s.peaks(); perProc != 3 {
 		t.Errorf("peak per worker process = %d, want it to stay 3", perProc)
 	}
 }
@@ -105,8 +105,8 @@ func TestPgBouncerTransactionPooling(t *testing.T) {
 		}
 	}
 	s.sample(ctx)
-	if perProc, servers := s.peaks(); perProc != 2 || servers != 2 {
-		t.Errorf("peak per worker process, PgBouncer servers = %d, %d; want 2, 2", perProc, servers)
+	if perProc, workers, servers := s.peaks(); perProc != 2 || workers != 2 || servers != 2 {
+		t.Errorf("peak per worker process, of the workers, PgBouncer servers = %d, %d, %d; want 2, 2, 2", perProc, workers, servers)
 	}
 	if _, peak := s.conns(); peak != 2 {
 		t.Errorf("peak PG connections = %d, want PgBouncer's 2", peak)

@@ -69,6 +69,9 @@ func (rep *Report) Markdown(w io.Writer) {
 	if c.StopAfter > 0 {
 		fmt.Fprintf(w, ", stopped after %d tasks", c.StopAfter)
 	}
+	if c.MaxDrain != "" {
+		fmt.Fprintf(w, ", stopped after %s of draining at most", c.MaxDrain)
+	}
 	fmt.Fprintf(w, "; median of %d run(s)\n\n", c.Repeat)
 
 	fmt.Fprint(w, "| |")
@@ -163,9 +166,9 @@ func (rep *Report) Markdown(w io.Writer) {
 	})
 	row("peak PG connections", func(_ *column, m *Result) string {
 		if c.PgBouncer > 0 {
-			return fmt.Sprintf("%d (PgBouncer's: %d)", m.PeakConns, m.PeakBouncer)
+			return fmt.Sprintf("%d (workers' through PgBouncer: %d)", m.PeakConns, m.PeakConnsWork)
 		}
-		return fmt.Sprint(m.PeakConns)
+		return fmt.Sprintf("%d (workers': %d)", m.PeakConns, m.PeakConnsWork)
 	})
 	row("peak PG connections per worker process", func(_ *column, m *Result) string { return perProcConns(c, m) })
 	row("connection errors: workers / dispatch", func(_ *column, m *Result) string {

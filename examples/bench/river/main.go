@@ -57,6 +57,7 @@ type config struct {
 	Cooldown time.Duration `json:"-"`
 	Poll     time.Duration `json:"-"`
 	Batch    int           `json:"-"`
+	Drop     bool          `json:"-"`
 }
 
 // childSpec is what one worker child runs.
@@ -114,6 +115,7 @@ func main() {
 	flag.DurationVar(&cfg.Cooldown, "cooldown", 2*time.Millisecond, "River's FetchCooldown (River's default is 100ms; 2ms is what River's own benchmark uses)")
 	flag.DurationVar(&cfg.Poll, "poll", 20*time.Millisecond, "River's FetchPollInterval (River's default is 1s; 20ms as River's own benchmark)")
 	flag.IntVar(&cfg.Batch, "batch", 5000, "jobs per InsertManyFast")
+	flag.BoolVar(&cfg.Drop, "drop", false, "drop the schema at the end (for a schema of this run's own)")
 	asJSON := flag.Bool("json", false, "print one JSON line instead of text")
 	flag.Parse()
 	cfg.Pool = int32(*pool)
@@ -222,6 +224,10 @@ func run(ctx context.Context, cfg config) (*result, error) {
 	defer func() {
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
 		defer cancel()
+		if cfg.Drop {
+			_, _ = mon.Exec(cctx, "DROP SCHEMA IF EXISTS "+schema+" CASCADE")
+			return
+		}
 		_ = truncate(cctx)
 	}()
 
