@@ -165,6 +165,10 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		defer redis.close()
 	}
 	var bouncer *pgBouncer
+	if cfg.PgBouncer > 0 && slices.Contains(cfg.Lockers, "pg") {
+		fmt.Fprintln(os.Stderr, "bench: -locker pg behind PgBouncer in transaction pooling mode: the PostgreSQL locker's"+
+			" advisory locks and LISTEN need a session of their own; expect the library to refuse it, or the run to fail")
+	}
 	if cfg.PgBouncer > 0 {
 		// Clients: every worker's pool, lock and LISTEN connections, with
 		// room to spare; PgBouncer queues them on cfg.PgBouncer servers.
@@ -684,7 +688,11 @@ func (t *trial) waitDone(ctx context.Context, fl *fleet, target int64, started t
 		if n != last {
 			last, lastAt = n, time.Now()
 		} else if time.Since(lastAt) > time.Minute && t.dispatched.Load() > n {
-			return false, fmt.Errorf("stalled: %d of %d tasks done, none for a minute", n, target)
+			err := fmt.Errorf("stalled: %d of %d tasks done, none for a minute", n, target)
+			if t.bouncer != nil && t.locker == "pg" {
+				err = fmt.Errorf("%w (the PostgreSQL locker behind a transaction-pooling PgBouncer)", err)
+			}
+			return false, err
 		}
 	}
 }
