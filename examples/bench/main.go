@@ -10,10 +10,12 @@ package main
 import (
 	"cmp"
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -39,8 +41,10 @@ func main() {
 	flag.IntVar(&cfg.Dispatchers, "dispatchers", 4, "backlog: concurrent DispatchMany batches; stream: concurrent Dispatch loops")
 	flag.IntVar(&cfg.Batch, "batch", 5000, "backlog: tasks per DispatchMany")
 	flag.IntVar(&cfg.StopAfter, "stop-after", 0, "stop once this many tasks are done and measure those (0: drain all)")
+	flag.DurationVar(&cfg.MaxDrain, "max-drain", 0, "stop this long after the workers started and measure the tasks done by then (0: drain all)")
 	flag.IntVar(&cfg.Repeat, "repeat", 1, "runs per locker, interleaved; the tables show the median run")
 	poolConns := flag.Int("pool", 0, "max connections of each worker process's pool (0: pgx's default, max(4, cores))")
+	flag.IntVar(&cfg.PgBouncer, "pgbouncer", 0, "N > 0: start a throwaway PgBouncer (transaction pooling, N server connections) and point the worker processes at it; dispatch and measurement stay direct")
 	flag.DurationVar(&cfg.Poll, "poll", time.Second, "workers' fallback poll interval (tasking.WithPollInterval)")
 	flag.StringVar(&cfg.Out, "out", "bench", "prefix of the output files <out>.json and <out>.svg")
 	flag.StringVar(&cfg.DSN, "dsn", "", "PostgreSQL URL (default $TASKING_DATABASE_URL, else "+dsnFallback+")")
@@ -49,7 +53,17 @@ func main() {
 	flag.Uint64Var(&cfg.Seed, "seed", 1, "seed of the workload's choice of names")
 	flag.StringVar(&cfg.LogLevel, "log-level", "warn", "tasking's log level: debug, info, warn, error")
 	quiet := flag.Bool("quiet", false, "no live progress line")
+	scaling := flag.Bool("scaling", false, "run the scaling table instead (see README.md): noop and mix at -scaling-procs with both lockers and River, then Pulp's fleet; -tasks defaults to 30000 and -repeat to 3 here")
+	scalingProcs := flag.String("scaling-procs", "1,4,16", "scaling: worker process counts of the backlog runs")
+	river := flag.String("river", "", "scaling: the River program (go build -o ... ./examples/bench/river, from its directory); empty leaves River out")
+	fleetProcs := flag.Int("fleet-procs", 80, "scaling: Pulp's fleet, processes with one slot each (0: none)")
+	fleetBody := flag.Duration("fleet-body", 300*time.Millisecond, "scaling: Pulp's fleet, handler sleep")
+	fleetSeconds := flag.Float64("fleet-seconds", 30, "scaling: Pulp's fleet, tasks for this many seconds at the ideal rate (procs / body)")
+	fleetDrain := flag.Duration("fleet-drain", time.Minute, "scaling: Pulp's fleet, measure the tasks done this long after the workers started")
+	bouncerProcs := flag.Int("bouncer-procs", 200, "scaling: the fleet behind PgBouncer (-pgbouncer server connections, default 20), Redis locker; 0: none")
 	flag.Parse()
+	set := map[string]bool{}
+	flag.Visit(func(f *flag.Flag) { set[f.Name] = true })
 
 	switch *locker {
 	case "both":
@@ -75,6 +89,50 @@ func main() {
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	if *scaling {
+		sc := bench.ScalingConfig{Base: cfg, Slots: cfg.Slots, Tasks: 30000, Repeat: 3, River: *river,
+			FleetProcs: *fleetProcs, FleetBody: *fleetBody, FleetSeconds: *fleetSeconds, FleetDrain: *fleetDrain,
+			BouncerProcs: *bouncerProcs, BouncerPool: 20}
+		if set["tasks"] {
+			sc.Tasks = cfg.Tasks
+		}
+		if set["repeat"] {
+			sc.Repeat = cfg.Repeat
+		}
+		if set["pgbouncer"] {
+			sc.BouncerPool = cfg.PgBouncer
+		}
+		out := "scaling"
+		if set["out"] {
+			out = cfg.Out
+		}
+		for _, f := range strings.Split(*scalingProcs, ",") {
+			n, err := strconv.Atoi(strings.TrimSpace(f))
+			if err != nil {
+				fmt.Fprintf(os.Stderr, "bench: -scaling-procs %q: want numbers separated by commas\n", *scalingProcs)
+				os.Exit(2)
+			}
+			sc.Procs = append(sc.Procs, n)
+		}
+		srep, err := bench.Scaling(ctx, sc, os.Stderr)
+		stop()
+		if srep != nil {
+			var md strings.Builder
+			srep.Markdown(&md)
+			fmt.Print(md.String())
+			werr := errors.Join(os.WriteFile(out+".md", []byte(md.String()), 0o644), srep.WriteJSON(out+".json"))
+			if werr != nil {
+				fmt.Fprintln(os.Stderr, "bench:", werr)
+			} else {
+				fmt.Fprintf(os.Stderr, "wrote %s.md and %s.json\n", out, out)
+			}
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	rep, err := bench.Run(ctx, cfg)
 	stop()
 	if rep != nil && len(rep.Results) > 0 {

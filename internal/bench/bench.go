@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"os"
 	"runtime"
 	"slices"
 	"sort"
@@ -48,6 +49,7 @@ type Config struct {
 	Dispatchers int           // backlog: concurrent DispatchMany batches; stream: Dispatch loops
 	Batch       int           // backlog: tasks per DispatchMany
 	StopAfter   int           // stop once this many tasks are done (0: drain all)
+	MaxDrain    time.Duration // stop this long after the workers started, and measure the tasks done (0: no limit)
 	Repeat      int           // trials per locker, interleaved; the report shows medians
 	PoolConns   int32         // worker pool size per process (0: pgx's default)
 	Poll        time.Duration // worker fallback poll interval
@@ -57,6 +59,7 @@ type Config struct {
 	Seed        uint64
 	LogLevel    string
 	Progress    io.Writer // live progress line; nil: none
+	PgBouncer   int       // >0: the workers go through a throwaway PgBouncer with this many server connections
 }
 
 // Result is one trial: one locker draining one workload once.
@@ -92,6 +95,14 @@ type Result struct {
 	RedisCPU         float64          `json:"redis_cpu_seconds"`
 
 	PeakConns      int     `json:"peak_pg_connections"`
+	PeakConnsProc  int     `json:"peak_connections_per_worker_process"` // to PostgreSQL, or to PgBouncer with one
+	PeakConnsWork  int     `json:"peak_pg_connections_workers"`         // the workers' (through PgBouncer, its servers')
+	PeakBouncer    int     `json:"peak_pgbouncer_server_connections,omitempty"`
+	ConnErrors     int64   `json:"connection_errors_workers"`  // failed connection attempts
+	DispatchConnEr int64   `json:"connection_errors_dispatch"` // failed connection attempts
+	LostProcs      []int   `json:"lost_worker_processes,omitempty"`
+	LostErr        string  `json:"lost_first_error,omitempty"`
+	PgBouncerCPU   float64 `json:"pgbouncer_cpu_seconds,omitempty"`
 	WorkerCPU      float64 `json:"worker_process_cpu_seconds"`
 	PGWorkerCPU    float64 `json:"pg_backend_cpu_seconds_workers"`
 	PGDispatchCPU  float64 `json:"pg_backend_cpu_seconds_dispatch"`
@@ -122,8 +133,11 @@ type reportConfig struct {
 	Dispatchers int      `json:"dispatchers"`
 	Batch       int      `json:"batch"`
 	StopAfter   int      `json:"stop_after,omitempty"`
+	MaxDrain    string   `json:"max_drain,omitempty"`
 	Repeat      int      `json:"repeat"`
 	PoolConns   int32    `json:"pool_conns"`
+	PgBouncer   int      `json:"pgbouncer_pool,omitempty"`
+	PgBouncerV  string   `json:"pgbouncer_version,omitempty"`
 	Seed        uint64   `json:"seed"`
 	GOMAXPROCS  int      `json:"cores"`
 }
@@ -150,12 +164,35 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		}
 		defer redis.close()
 	}
+	var bouncer *pgBouncer
+	if cfg.PgBouncer > 0 && slices.Contains(cfg.Lockers, "pg") {
+		fmt.Fprintln(os.Stderr, "bench: -locker pg behind PgBouncer in transaction pooling mode: the PostgreSQL locker's"+
+			" advisory locks and LISTEN need a session of their own; expect the library to refuse it, or the run to fail")
+	}
+	if cfg.PgBouncer > 0 {
+		// Clients: every worker's pool, lock and LISTEN connections, with
+		// room to spare; PgBouncer queues them on cfg.PgBouncer servers.
+		perProc := int(cfg.PoolConns)
+		if perProc == 0 {
+			perProc = max(4, numCPU())
+		}
+		if bouncer, err = startPgBouncer(ctx, cfg.DSN, cfg.PgBouncer, max(1000, cfg.Procs*(perProc+4)+100)); err != nil {
+			return nil, err
+		}
+		defer bouncer.stop()
+	}
 	rep := &Report{Started: time.Now(), Config: reportConfig{
 		Lockers: cfg.Lockers, Workload: cfg.Workload, Mode: cfg.Mode, Tasks: cfg.Tasks, Slots: cfg.Slots,
 		Procs: cfg.Procs, Body: bodyString(cfg.Body), Rate: cfg.Rate, Dispatchers: cfg.Dispatchers,
 		Batch: cfg.Batch, StopAfter: cfg.StopAfter, Repeat: cfg.Repeat, PoolConns: cfg.PoolConns,
-		Seed: cfg.Seed, GOMAXPROCS: numCPU(),
+		PgBouncer: cfg.PgBouncer, Seed: cfg.Seed, GOMAXPROCS: numCPU(),
 	}}
+	if cfg.MaxDrain > 0 {
+		rep.Config.MaxDrain = cfg.MaxDrain.String()
+	}
+	if bouncer != nil {
+		rep.Config.PgBouncerV = bouncer.version
+	}
 	if cfg.Workload == "hot" {
 		rep.Config.Head = cfg.Head
 	}
@@ -166,7 +203,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	for r := 1; r <= cfg.Repeat; r++ {
 		for _, v := range variants {
 			for _, lk := range cfg.Lockers {
-				t := &trial{cfg: cfg, mon: mon, redis: redis, locker: lk, variant: v, rep: r,
+				t := &trial{cfg: cfg, mon: mon, redis: redis, bouncer: bouncer, locker: lk, variant: v, rep: r,
 					schema: fmt.Sprintf("%s_%s%s_%d", base, lk, variantSuffix(v), r)}
 				res, err := t.run(ctx)
 				if err != nil {
@@ -231,6 +268,12 @@ func (c *Config) check() error {
 	if c.Workload == "hot" && (c.Head < 1 || c.Head >= c.Tasks) {
 		errs = append(errs, fmt.Errorf("-head %d: need 1 <= head < tasks (%d)", c.Head, c.Tasks))
 	}
+	if c.MaxDrain < 0 {
+		errs = append(errs, errors.New("-max-drain must not be negative"))
+	}
+	if c.PgBouncer < 0 {
+		errs = append(errs, fmt.Errorf("-pgbouncer %d: want a server pool size, or 0 for none", c.PgBouncer))
+	}
 	if c.Poll <= 0 {
 		c.Poll = time.Second
 	}
@@ -242,6 +285,7 @@ type trial struct {
 	cfg     Config
 	mon     *pgxpool.Pool
 	redis   *redisEnv
+	bouncer *pgBouncer // nil: the workers connect directly
 	locker  string
 	variant string
 	rep     int
@@ -287,7 +331,7 @@ func (t *trial) run(ctx context.Context) (res *Result, err error) {
 	}
 	total := count(groups)
 
-	smp := newSampler(t.mon)
+	smp := newSampler(t.mon, t.bouncer)
 	sctx, stopSampler := context.WithCancel(ctx)
 	var sw sync.WaitGroup
 	sw.Add(1)
@@ -296,7 +340,13 @@ func (t *trial) run(ctx context.Context) (res *Result, err error) {
 
 	// The dispatching side: a pool and client of its own, as an application
 	// that dispatches would have.
-	dtr := newStmtTracer(func(pid uint32) { smp.add(pid, "dispatch") })
+	var dispatchConnErrs atomic.Int64
+	dtr := newStmtTracer(func(ev connEvent) {
+		if ev.Failed {
+			dispatchConnErrs.Add(1)
+		}
+		smp.add(ev, ownerDispatch)
+	})
 	dpool, err := newPool(ctx, cfg.DSN, int32(cfg.Dispatchers+1), dtr, "tasking_bench dispatch")
 	if err != nil {
 		return nil, err
@@ -330,11 +380,14 @@ func (t *trial) run(ctx context.Context) (res *Result, err error) {
 		specs[i] = workerSpec{DSN: cfg.DSN, Schema: t.schema, Locker: t.locker, Redis: cfg.Redis,
 			Namespace: t.schema, Slots: slots, PoolConns: cfg.PoolConns, Body: cfg.Body, Poll: cfg.Poll,
 			Index: i, LogLevel: cfg.LogLevel}
+		if t.bouncer != nil {
+			specs[i].DSN, specs[i].PgBouncer = t.bouncer.dsn, true
+		}
 		if cfg.CPUProfile != "" {
 			specs[i].CPUProfile = fmt.Sprintf("%s-%s%s-%d-p%d.pprof", cfg.CPUProfile, t.locker, variantSuffix(t.variant), t.rep, i)
 		}
 	}
-	fl, err := startFleet(ctx, specs, cfg.Procs == 1, func(pid uint32) { smp.add(pid, "worker") })
+	fl, err := startFleet(ctx, specs, cfg.Procs == 1, smp.add)
 	if err != nil {
 		return nil, err
 	}
@@ -361,6 +414,10 @@ func (t *trial) run(ctx context.Context) (res *Result, err error) {
 	progress.phase("running")
 	busy0, tot0 := machineCPU()
 	cpu0 := processCPU()
+	var bouncerCPU0 float64
+	if t.bouncer != nil {
+		bouncerCPU0 = t.bouncer.cpu()
+	}
 	res.WorkersStarted = time.Now()
 	fl.run()
 	if cfg.Mode == "stream" {
@@ -376,10 +433,11 @@ func (t *trial) run(ctx context.Context) (res *Result, err error) {
 	if cfg.StopAfter > 0 && cfg.StopAfter < total {
 		target = int64(cfg.StopAfter)
 	}
-	if err := t.waitDone(ctx, fl, target, dispatchDone, &dispatchErr); err != nil {
+	timedOut, err := t.waitDone(ctx, fl, target, res.WorkersStarted, dispatchDone, &dispatchErr)
+	if err != nil {
 		return nil, err
 	}
-	if target == int64(total) {
+	if target == int64(total) && !timedOut {
 		// Every handler returned; wait for the last final states.
 		for {
 			n, err := unfinished(ctx, t.mon, t.schema)
@@ -400,6 +458,10 @@ func (t *trial) run(ctx context.Context) (res *Result, err error) {
 		res.MachineBusy = (busy1 - busy0) / (tot1 - tot0) * float64(numCPU())
 	}
 	smp.sample(ctx) // last CPU readings while the connections are open
+	if t.bouncer != nil {
+		res.PgBouncerCPU = t.bouncer.cpu() - bouncerCPU0
+	}
+	res.LostProcs, res.LostErr = lostOf(fl)
 	progress.phase("stopping")
 	reps, err := fl.shutdown(60 * time.Second)
 	stopped = true
@@ -453,6 +515,8 @@ func (t *trial) run(ctx context.Context) (res *Result, err error) {
 	}
 	res.PGDispatchCPU, res.PGWorkerCPU, _ = smp.backendCPU()
 	_, res.PeakConns = smp.conns()
+	res.PeakConnsProc, res.PeakConnsWork, res.PeakBouncer = smp.peaks()
+	res.ConnErrors, res.DispatchConnEr = fl.connErrors(), dispatchConnErrs.Load()
 
 	// The tasks table.
 	if res.All, res.ByName, err = tableStats(ctx, t.mon, t.schema); err != nil {
@@ -582,33 +646,64 @@ func (t *trial) dispatchStream(ctx context.Context, c *tasking.Client, groups []
 	return <-errc
 }
 
-// waitDone waits until the fleet's handlers have run target tasks. It fails
-// when nothing finishes for a minute.
-func (t *trial) waitDone(ctx context.Context, fl *fleet, target int64, dispatchDone <-chan struct{}, dispatchErr *error) error {
+// waitDone waits until the fleet's handlers have run target tasks, or
+// until cfg.MaxDrain has passed since started (timedOut). It fails when
+// nothing finishes for a minute, or when every worker process has ended;
+// one that ends while others go on is reported on stderr and in the result
+// (a fleet short of connection slots loses some), not a failure.
+func (t *trial) waitDone(ctx context.Context, fl *fleet, target int64, started time.Time, dispatchDone <-chan struct{}, dispatchErr *error) (timedOut bool, err error) {
 	last, lastAt := int64(-1), time.Now()
+	warned := map[int]bool{}
 	tick := time.NewTicker(5 * time.Millisecond)
 	defer tick.Stop()
 	for {
 		select {
 		case <-ctx.Done():
-			return ctx.Err()
+			return false, ctx.Err()
 		case <-dispatchDone:
 			if *dispatchErr != nil {
-				return *dispatchErr
+				return false, *dispatchErr
 			}
 			dispatchDone = nil
 		case <-tick.C:
 		}
 		n := fl.done()
 		if n >= target {
-			return nil
+			return false, nil
+		}
+		if t.cfg.MaxDrain > 0 && time.Since(started) >= t.cfg.MaxDrain {
+			return true, nil
+		}
+		if lost, errs := fl.lost(); len(lost) > len(warned) {
+			for i, p := range lost {
+				if !warned[p] {
+					warned[p] = true
+					fmt.Fprintf(os.Stderr, "\nbench: [%s] worker process %d ended: %v\n", t.label(), p, errs[i])
+				}
+			}
+			if len(lost) == len(fl.procs) {
+				return false, fmt.Errorf("every worker process ended; the first: %v", errs[0])
+			}
 		}
 		if n != last {
 			last, lastAt = n, time.Now()
 		} else if time.Since(lastAt) > time.Minute && t.dispatched.Load() > n {
-			return fmt.Errorf("stalled: %d of %d tasks done, none for a minute", n, target)
+			err := fmt.Errorf("stalled: %d of %d tasks done, none for a minute", n, target)
+			if t.bouncer != nil && t.locker == "pg" {
+				err = fmt.Errorf("%w (the PostgreSQL locker behind a transaction-pooling PgBouncer)", err)
+			}
+			return false, err
 		}
 	}
+}
+
+// lostOf lists the worker processes that ended early and the first error.
+func lostOf(fl *fleet) ([]int, string) {
+	lost, errs := fl.lost()
+	if len(lost) == 0 {
+		return nil, ""
+	}
+	return lost, fmt.Sprint(errs[0])
 }
 
 func sleep(ctx context.Context, d time.Duration) error {

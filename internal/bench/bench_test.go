@@ -97,3 +97,36 @@ func TestSVGIsWellFormed(t *testing.T) {
 		t.Errorf("markdown lacks the rate row:\n%s", md.String())
 	}
 }
+
+func TestScalingMarkdown(t *testing.T) {
+	run := func(rate float64, stmts float64, one, all int) scalingRun {
+		return scalingRun{Rate: rate, ConnsOne: one, ConnsAll: all,
+			Tasking: &Result{StmtPerTask: stmts, All: groupStats{Completed: 100, Tasks: 200}}}
+	}
+	rep := &ScalingReport{Config: scalingConfig{Procs: []int{1, 4}, Slots: 80, Tasks: 30000, Repeat: 3,
+		FleetBody: "300ms", FleetDrain: "1m0s", BouncerPool: 20, Cores: 2}}
+	rep.Cells = []*scalingCell{
+		{Scenario: "noop", System: "pg", Procs: 1, Runs: []scalingRun{run(900, 0.3, 6, 6), run(1000, 0.2, 5, 5), run(1100, 0.1, 4, 4)}},
+		{Scenario: "noop", System: "pg", Procs: 4, Runs: []scalingRun{run(700, 0.5, 4, 15), {Err: "worker process 3 did not start"}}},
+		{Scenario: "noop", System: "river", Procs: 1, Runs: []scalingRun{{Rate: 5000, ConnsOne: 4, ConnsAll: 4,
+			River: &riverResult{Version: "v0.51.2"}}}},
+		{Scenario: "fleet", System: "redis", Procs: 80, Runs: []scalingRun{run(133.5, 4.8, 2, 160)}},
+		{Scenario: "fleet-pgbouncer", System: "redis", Procs: 200, Runs: []scalingRun{{Err: "every worker process ended"}}},
+	}
+	var b strings.Builder
+	rep.Markdown(&b)
+	md := b.String()
+	for _, want := range []string{
+		"| noop | tasking, PostgreSQL locker | **1,000** (900–1,100) | **700** (1 of 2 failed [1]) |",
+		"| noop | River v0.51.2 | **5,000** | – |",
+		"| noop | tasking, PostgreSQL locker | 0.200 | 0.500 |",
+		"| noop | tasking, PostgreSQL locker | 5 / 5 | 4 / 15 |",
+		"| 80 procs × 1, direct | tasking, Redis locker | **134** | 50% of 267 | 100 / 200 | 4.80 |",
+		"| 200 procs × 1, PgBouncer, 20 server conns | tasking, Redis locker | failed (1 of 1 failed [2]) |",
+		"1. noop, tasking, PostgreSQL locker, 4 procs: worker process 3 did not start",
+	} {
+		if !strings.Contains(md, want) {
+			t.Errorf("scaling table lacks %q:\n%s", want, md)
+		}
+	}
+}

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -22,25 +23,32 @@ const ChildEnv = "TASKING_BENCH_CHILD"
 // fleet is the worker processes of one trial: one in this process, or
 // -procs children re-executed from this binary.
 type fleet struct {
-	procs []*proc
-	onPID func(pid uint32)
+	procs  []*proc
+	onConn func(ev connEvent, proc int)
 }
 
 type proc struct {
-	done  atomic.Int64
-	ready chan struct{}
-	start chan struct{} // in-process: closed to start
-	stop  func()        // asks the worker to stop
-	exit  chan error    // the worker's end
-	mu    sync.Mutex
-	final *procReport
-	cmd   *exec.Cmd
-	stdin io.WriteCloser
+	index    int
+	done     atomic.Int64
+	connErrs atomic.Int64 // failed connection attempts
+	ready    chan struct{}
+	start    chan struct{} // in-process: closed to start
+	stop     func()        // asks the worker to stop
+	gone     chan struct{} // closed when the worker has ended; err is set then
+	err      error
+	stopped  atomic.Bool // stop was called: an end after it is not a loss
+	mu       sync.Mutex
+	final    *procReport
+	cmd      *exec.Cmd
+	stdin    io.WriteCloser
 }
 
-func (p *proc) handle(m msg, onPID func(uint32)) {
-	if m.PID != 0 {
-		onPID(m.PID)
+func (p *proc) handle(m msg, onConn func(connEvent, int)) {
+	if m.PID != 0 || m.Port != 0 || m.ConnErr {
+		onConn(connEvent{PID: m.PID, Port: m.Port, Failed: m.ConnErr}, p.index)
+		if m.ConnErr {
+			p.connErrs.Add(1)
+		}
 	}
 	if m.Ready {
 		close(p.ready)
@@ -55,12 +63,17 @@ func (p *proc) handle(m msg, onPID func(uint32)) {
 	}
 }
 
+func (p *proc) exited(err error) {
+	p.err = err
+	close(p.gone)
+}
+
 // startFleet starts the worker processes and waits until each is connected
-// and ready; call go() to let them run.
-func startFleet(ctx context.Context, specs []workerSpec, inProcess bool, onPID func(uint32)) (*fleet, error) {
-	f := &fleet{onPID: onPID}
-	for _, s := range specs {
-		p := &proc{ready: make(chan struct{}), exit: make(chan error, 1)}
+// and ready; call run() to let them run.
+func startFleet(ctx context.Context, specs []workerSpec, inProcess bool, onConn func(connEvent, int)) (*fleet, error) {
+	f := &fleet{onConn: onConn}
+	for i, s := range specs {
+		p := &proc{index: i, ready: make(chan struct{}), gone: make(chan struct{})}
 		f.procs = append(f.procs, p)
 		if inProcess {
 			p.start = make(chan struct{})
@@ -68,33 +81,34 @@ func startFleet(ctx context.Context, specs []workerSpec, inProcess bool, onPID f
 			p.stop = cancel
 			var mu sync.Mutex
 			go func() {
-				p.exit <- runWorker(wctx, s, p.start, func(m msg) { mu.Lock(); p.handle(m, onPID); mu.Unlock() })
+				p.exited(runWorker(wctx, s, p.start, func(m msg) { mu.Lock(); p.handle(m, onConn); mu.Unlock() }))
 			}()
 			continue
 		}
-		if err := p.spawn(s, onPID); err != nil {
+		if err := p.spawn(s, onConn); err != nil {
 			f.kill()
 			return nil, err
 		}
 	}
+	timeout := time.After(60 * time.Second)
 	for i, p := range f.procs {
 		select {
 		case <-p.ready:
-		case err := <-p.exit:
+		case <-p.gone:
 			f.kill()
-			return nil, fmt.Errorf("worker process %d did not start: %v", i, err)
+			return nil, fmt.Errorf("worker process %d did not start: %v", i, p.err)
 		case <-ctx.Done():
 			f.kill()
 			return nil, ctx.Err()
-		case <-time.After(60 * time.Second):
+		case <-timeout:
 			f.kill()
-			return nil, fmt.Errorf("worker process %d not ready after 60s", i)
+			return nil, fmt.Errorf("worker processes not ready after 60s (%d of %d are)", i, len(f.procs))
 		}
 	}
 	return f, nil
 }
 
-func (p *proc) spawn(s workerSpec, onPID func(uint32)) error {
+func (p *proc) spawn(s workerSpec, onConn func(connEvent, int)) error {
 	exe, err := os.Executable()
 	if err != nil {
 		return err
@@ -127,18 +141,18 @@ func (p *proc) spawn(s workerSpec, onPID func(uint32)) error {
 			if m.Err != "" {
 				lastErr = m.Err
 			}
-			p.handle(m, onPID)
+			p.handle(m, onConn)
 		}
 		err := cmd.Wait()
 		if err != nil && lastErr != "" {
 			err = fmt.Errorf("%v: %s", err, lastErr)
 		}
-		p.exit <- err
+		p.exited(err)
 	}()
 	return nil
 }
 
-// go lets every worker run.
+// run lets every worker run.
 func (f *fleet) run() {
 	for _, p := range f.procs {
 		if p.start != nil {
@@ -158,9 +172,37 @@ func (f *fleet) done() int64 {
 	return n
 }
 
-// shutdown stops every worker and collects their reports.
-func (f *fleet) shutdown(timeout time.Duration) ([]procReport, error) {
+// connErrors is how many connection attempts of the workers failed.
+func (f *fleet) connErrors() int64 {
+	var n int64
 	for _, p := range f.procs {
+		n += p.connErrs.Load()
+	}
+	return n
+}
+
+// lost returns the worker processes that ended before they were asked to
+// stop, with their errors.
+func (f *fleet) lost() (procs []int, errs []error) {
+	for _, p := range f.procs {
+		select {
+		case <-p.gone:
+			if !p.stopped.Load() {
+				procs = append(procs, p.index)
+				errs = append(errs, p.err)
+			}
+		default:
+		}
+	}
+	return procs, errs
+}
+
+// shutdown stops every worker and collects their reports. A worker that
+// had ended before (see lost) is not an error here.
+func (f *fleet) shutdown(timeout time.Duration) ([]procReport, error) {
+	lost, _ := f.lost()
+	for _, p := range f.procs {
+		p.stopped.Store(true)
 		p.stop()
 	}
 	var errs []error
@@ -168,9 +210,9 @@ func (f *fleet) shutdown(timeout time.Duration) ([]procReport, error) {
 	deadline := time.After(timeout)
 	for i, p := range f.procs {
 		select {
-		case err := <-p.exit:
-			if err != nil {
-				errs = append(errs, fmt.Errorf("worker process %d: %w", i, err))
+		case <-p.gone:
+			if p.err != nil && !slices.Contains(lost, i) {
+				errs = append(errs, fmt.Errorf("worker process %d: %w", i, p.err))
 			}
 		case <-deadline:
 			f.kill()
@@ -187,6 +229,7 @@ func (f *fleet) shutdown(timeout time.Duration) ([]procReport, error) {
 
 func (f *fleet) kill() {
 	for _, p := range f.procs {
+		p.stopped.Store(true)
 		if p.cmd != nil && p.cmd.Process != nil {
 			_ = p.cmd.Process.Kill()
 		} else if p.stop != nil {

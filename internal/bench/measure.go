@@ -103,28 +103,58 @@ func pgssCalls(ctx context.Context, mon *pgxpool.Pool, schema string) (calls int
 	return calls, err == nil
 }
 
+// Owners of a backend other than a worker process (whose index is >= 0).
+const (
+	ownerDispatch = -1 // the dispatching pool
+	ownerBouncer  = -2 // a server connection of the bench's PgBouncer
+)
+
 // sampler watches the bench's own backends: how many are connected (peak,
-// from pg_stat_activity) and how much CPU each has used (/proc/<pid>/stat,
-// when PostgreSQL runs on this machine).
+// from pg_stat_activity), in all and per worker process, and how much CPU
+// each has used (/proc/<pid>/stat, when PostgreSQL runs on this machine).
+//
+// A backend belongs to whoever opened it: every process's pgx tracer
+// reports the backend pid of each connection it opens (the PostgreSQL
+// locker's lock connection and the LISTEN connection copy the pool's
+// ConnConfig, so their tracer too), so the count does not depend on
+// application_name, which the locker sets on its lock connection. Through
+// PgBouncer a client's pid is one PgBouncer made up: the workers' server
+// connections are then PgBouncer's (SHOW SERVERS gives their pids), and a
+// worker process's connections are its connections to PgBouncer, told
+// apart by client port (SHOW CLIENTS).
 type sampler struct {
-	mon *pgxpool.Pool
+	mon     *pgxpool.Pool
+	bouncer *pgBouncer // nil: the workers connect to PostgreSQL directly
 
-	mu    sync.Mutex
-	pids  map[uint32]string // pid -> "dispatch" or "worker"
-	cpu   map[uint32]float64
-	peak  int
-	now   int
-	procs bool // /proc readable for the backends
+	mu          sync.Mutex
+	pids        map[uint32]int // backend pid -> owner
+	ports       map[int]int    // local port of a connection to PgBouncer -> worker process
+	cpu         map[uint32]float64
+	peak        int
+	now         int
+	peakProc    int  // the most connections one worker process had at once
+	peakWorkers int  // the most connections the workers had at once (PgBouncer's servers, through it)
+	peakBouncer int  // the most server connections PgBouncer had at once
+	procs       bool // /proc readable for the backends
 }
 
-func newSampler(mon *pgxpool.Pool) *sampler {
-	return &sampler{mon: mon, pids: make(map[uint32]string), cpu: make(map[uint32]float64)}
+func newSampler(mon *pgxpool.Pool, bouncer *pgBouncer) *sampler {
+	return &sampler{mon: mon, bouncer: bouncer, pids: make(map[uint32]int), ports: make(map[int]int),
+		cpu: make(map[uint32]float64)}
 }
 
-func (s *sampler) add(pid uint32, role string) {
+// add records a new connection of owner.
+func (s *sampler) add(ev connEvent, owner int) {
+	if ev.Failed {
+		return
+	}
 	s.mu.Lock()
-	s.pids[pid] = role
-	s.mu.Unlock()
+	defer s.mu.Unlock()
+	if s.bouncer != nil && owner >= 0 {
+		s.ports[ev.Port] = owner
+		return
+	}
+	s.pids[ev.PID] = owner
 }
 
 func (s *sampler) run(ctx context.Context, every time.Duration) {
@@ -141,6 +171,26 @@ func (s *sampler) run(ctx context.Context, every time.Duration) {
 }
 
 func (s *sampler) sample(ctx context.Context) {
+	perProc := map[int]int{}
+	bouncerServers := 0
+	if s.bouncer != nil {
+		servers, serr := s.bouncer.serverPIDs(ctx)
+		ports, cerr := s.bouncer.clientPorts(ctx)
+		if serr != nil || cerr != nil {
+			return
+		}
+		bouncerServers = len(servers)
+		s.mu.Lock()
+		for _, p := range servers {
+			s.pids[p] = ownerBouncer
+		}
+		for _, port := range ports {
+			if o, ok := s.ports[port]; ok {
+				perProc[o]++
+			}
+		}
+		s.mu.Unlock()
+	}
 	s.mu.Lock()
 	pids := make([]int32, 0, len(s.pids))
 	for p := range s.pids {
@@ -150,8 +200,12 @@ func (s *sampler) sample(ctx context.Context) {
 	if len(pids) == 0 {
 		return
 	}
-	var n int
-	if err := s.mon.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)`, pids).Scan(&n); err != nil {
+	rows, err := s.mon.Query(ctx, `SELECT pid FROM pg_stat_activity WHERE pid = ANY($1)`, pids)
+	if err != nil {
+		return
+	}
+	live, err := pgx.CollectRows(rows, pgx.RowTo[int32])
+	if err != nil {
 		return
 	}
 	cpus := make(map[uint32]float64, len(pids))
@@ -161,21 +215,41 @@ func (s *sampler) sample(ctx context.Context) {
 		}
 	}
 	s.mu.Lock()
-	s.now = n
-	s.peak = max(s.peak, n)
+	defer s.mu.Unlock()
+	if s.bouncer == nil {
+		for _, p := range live {
+			if o := s.pids[uint32(p)]; o >= 0 {
+				perProc[o]++
+			}
+		}
+	}
+	workers := 0
+	for _, p := range live {
+		if s.pids[uint32(p)] != ownerDispatch {
+			workers++
+		}
+	}
+	s.now = len(live)
+	s.peak = max(s.peak, len(live))
+	s.peakWorkers = max(s.peakWorkers, workers)
+	s.peakBouncer = max(s.peakBouncer, bouncerServers)
+	for _, n := range perProc {
+		s.peakProc = max(s.peakProc, n)
+	}
 	for p, c := range cpus {
 		s.cpu[p] = max(s.cpu[p], c)
 		s.procs = true
 	}
-	s.mu.Unlock()
 }
 
-// backendCPU sums the CPU seconds of the bench's backends by role.
+// backendCPU sums the CPU seconds of the bench's backends: the dispatching
+// pool's, and the workers' (PgBouncer's server connections count as the
+// workers').
 func (s *sampler) backendCPU() (dispatch, worker float64, ok bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for p, c := range s.cpu {
-		if s.pids[p] == "dispatch" {
+		if s.pids[p] == ownerDispatch {
 			dispatch += c
 		} else {
 			worker += c
@@ -188,6 +262,16 @@ func (s *sampler) conns() (now, peak int) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.now, s.peak
+}
+
+// peaks returns the most connections one worker process had at once (to
+// PostgreSQL, or to PgBouncer when there is one), the most PostgreSQL
+// connections the workers had at once (through PgBouncer, its servers'),
+// and the most server connections PgBouncer had at once.
+func (s *sampler) peaks() (perProc, workers, bouncer int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.peakProc, s.peakWorkers, s.peakBouncer
 }
 
 var clockTick = 100.0 // USER_HZ; 100 on every Linux this runs on

@@ -54,6 +54,9 @@ func (rep *Report) Markdown(w io.Writer) {
 		fmt.Fprintf(w, " (head %d on one name, %d behind it)", c.Head, c.Tasks-c.Head)
 	}
 	fmt.Fprintf(w, ", body %s, %d slots in %d worker process(es), %d cores", c.Body, c.Slots, c.Procs, c.GOMAXPROCS)
+	if c.PgBouncer > 0 {
+		fmt.Fprintf(w, ", workers through PgBouncer (%s, transaction pooling, %d server connections)", c.PgBouncerV, c.PgBouncer)
+	}
 	if c.Mode == "stream" {
 		if c.Rate > 0 {
 			fmt.Fprintf(w, ", %d dispatchers at %.0f tasks/s", c.Dispatchers, c.Rate)
@@ -65,6 +68,9 @@ func (rep *Report) Markdown(w io.Writer) {
 	}
 	if c.StopAfter > 0 {
 		fmt.Fprintf(w, ", stopped after %d tasks", c.StopAfter)
+	}
+	if c.MaxDrain != "" {
+		fmt.Fprintf(w, ", stopped after %s of draining at most", c.MaxDrain)
 	}
 	fmt.Fprintf(w, "; median of %d run(s)\n\n", c.Repeat)
 
@@ -158,8 +164,35 @@ func (rep *Report) Markdown(w io.Writer) {
 		}
 		return fmt.Sprintf("%.3f", m.RedisServerPer)
 	})
-	row("peak PG connections", func(_ *column, m *Result) string { return fmt.Sprint(m.PeakConns) })
-	row("CPU ms / 1k tasks: worker proc / PG (workers) / PG (dispatch) / Redis", func(_ *column, m *Result) string {
+	row("peak PG connections", func(_ *column, m *Result) string {
+		if c.PgBouncer > 0 {
+			return fmt.Sprintf("%d (workers' through PgBouncer: %d)", m.PeakConns, m.PeakConnsWork)
+		}
+		return fmt.Sprintf("%d (workers': %d)", m.PeakConns, m.PeakConnsWork)
+	})
+	row("peak PG connections per worker process", func(_ *column, m *Result) string { return perProcConns(c, m) })
+	row("connection errors: workers / dispatch", func(_ *column, m *Result) string {
+		return fmt.Sprintf("%d / %d", m.ConnErrors, m.DispatchConnEr)
+	})
+	lost := false
+	for _, col := range cols {
+		for _, r := range col.runs {
+			lost = lost || len(r.LostProcs) > 0
+		}
+	}
+	if lost {
+		row("worker processes that ended early", func(_ *column, m *Result) string {
+			if len(m.LostProcs) == 0 {
+				return "0"
+			}
+			return fmt.Sprintf("%d (first: %s)", len(m.LostProcs), shorten(m.LostErr, 120))
+		})
+	}
+	cpuTitle := "CPU ms / 1k tasks: worker proc / PG (workers) / PG (dispatch) / Redis"
+	if c.PgBouncer > 0 {
+		cpuTitle += " / PgBouncer"
+	}
+	row(cpuTitle, func(_ *column, m *Result) string {
 		k := float64(m.All.Completed) / 1000
 		if k == 0 {
 			return "–"
@@ -168,7 +201,11 @@ func (rep *Report) Markdown(w io.Writer) {
 		if m.Locker == "redis" {
 			rd = fmt.Sprintf("%.0f", m.RedisCPU*1000/k)
 		}
-		return fmt.Sprintf("%.0f / %.0f / %.0f / %s", m.WorkerCPU*1000/k, m.PGWorkerCPU*1000/k, m.PGDispatchCPU*1000/k, rd)
+		s := fmt.Sprintf("%.0f / %.0f / %.0f / %s", m.WorkerCPU*1000/k, m.PGWorkerCPU*1000/k, m.PGDispatchCPU*1000/k, rd)
+		if c.PgBouncer > 0 {
+			s += fmt.Sprintf(" / %.0f", m.PgBouncerCPU*1000/k)
+		}
+		return s
 	})
 	row("machine busy while draining (cores)", func(_ *column, m *Result) string {
 		return fmt.Sprintf("%.2f of %d", m.MachineBusy, c.GOMAXPROCS)
@@ -239,6 +276,23 @@ func (rep *Report) Markdown(w io.Writer) {
 			fmt.Fprintf(w, "\nRedis commands sent, %s (client side): %s\n", col.key, strings.Join(parts, ", "))
 		}
 	}
+}
+
+// perProcConns is the most connections one worker process had at once: to
+// PostgreSQL, or, through PgBouncer, to PgBouncer.
+func perProcConns(c reportConfig, m *Result) string {
+	if c.PgBouncer > 0 {
+		return fmt.Sprintf("– (%d to PgBouncer)", m.PeakConnsProc)
+	}
+	return fmt.Sprint(m.PeakConnsProc)
+}
+
+func shorten(s string, n int) string {
+	s = strings.Join(strings.Fields(s), " ")
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "…"
 }
 
 func perTask(n int64, m *Result) float64 {

@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"net"
 	"sort"
 	"strings"
 	"sync"
@@ -20,7 +21,7 @@ import (
 // before a statement's first use are protocol messages, not statements; they
 // are counted apart.
 type stmtTracer struct {
-	onConnect func(pid uint32) // called with the backend pid of every new connection
+	onConnect func(connEvent) // called on every connection attempt
 
 	mu       sync.Mutex
 	bySQL    map[string]int64
@@ -28,7 +29,16 @@ type stmtTracer struct {
 	notifies int64 // dispatch calls that NOTIFY (a non-empty channel argument)
 }
 
-func newStmtTracer(onConnect func(pid uint32)) *stmtTracer {
+// connEvent is one connection attempt: the new connection's backend pid
+// (through PgBouncer, a key PgBouncer made up) and local TCP port, or a
+// failure.
+type connEvent struct {
+	PID    uint32
+	Port   int
+	Failed bool
+}
+
+func newStmtTracer(onConnect func(connEvent)) *stmtTracer {
 	return &stmtTracer{onConnect: onConnect, bySQL: make(map[string]int64)}
 }
 
@@ -87,9 +97,18 @@ func (t *stmtTracer) TraceConnectStart(ctx context.Context, _ pgx.TraceConnectSt
 	return ctx
 }
 func (t *stmtTracer) TraceConnectEnd(_ context.Context, d pgx.TraceConnectEndData) {
-	if d.Err == nil && d.Conn != nil && t.onConnect != nil {
-		t.onConnect(d.Conn.PgConn().PID())
+	if t.onConnect == nil {
+		return
 	}
+	if d.Err != nil || d.Conn == nil {
+		t.onConnect(connEvent{Failed: true})
+		return
+	}
+	ev := connEvent{PID: d.Conn.PgConn().PID()}
+	if a, ok := d.Conn.PgConn().Conn().LocalAddr().(*net.TCPAddr); ok {
+		ev.Port = a.Port
+	}
+	t.onConnect(ev)
 }
 
 // snapshot returns the counts so far.

@@ -2,14 +2,18 @@ package bench
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
 	"runtime/pprof"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/tasking-go/tasking"
@@ -30,16 +34,20 @@ type workerSpec struct {
 	Index      int           `json:"index"`
 	CPUProfile string        `json:"cpuprofile"`
 	LogLevel   string        `json:"log_level"`
+	PgBouncer  bool          `json:"pgbouncer"` // DSN is a PgBouncer in transaction pooling mode
 }
 
-// msg is one report from a worker process to the bench: a new backend pid,
-// readiness, progress, the final counts, or an error.
+// msg is one report from a worker process to the bench: a new connection
+// (backend pid, local port) or a failed connection attempt, readiness,
+// progress, the final counts, or an error.
 type msg struct {
-	PID   uint32      `json:"pid,omitempty"`
-	Ready bool        `json:"ready,omitempty"`
-	Done  int64       `json:"done,omitempty"`
-	Final *procReport `json:"final,omitempty"`
-	Err   string      `json:"err,omitempty"`
+	PID     uint32      `json:"pid,omitempty"`
+	Port    int         `json:"port,omitempty"`
+	ConnErr bool        `json:"conn_err,omitempty"`
+	Ready   bool        `json:"ready,omitempty"`
+	Done    int64       `json:"done,omitempty"`
+	Final   *procReport `json:"final,omitempty"`
+	Err     string      `json:"err,omitempty"`
 }
 
 // procReport is what a worker process counted over its run.
@@ -52,9 +60,20 @@ type procReport struct {
 
 // newPool opens a pool whose statements tr counts.
 func newPool(ctx context.Context, dsn string, maxConns int32, tr *stmtTracer, app string) (*pgxpool.Pool, error) {
+	return newPoolMode(ctx, dsn, maxConns, tr, app, false)
+}
+
+// newPoolMode is newPool, for a PgBouncer in transaction pooling mode when
+// bouncer is set: a transaction may run on any server connection, so no
+// named prepared statements (pgx's default statement cache). The Exec mode
+// sends each statement as an unnamed one in a single round trip.
+func newPoolMode(ctx context.Context, dsn string, maxConns int32, tr *stmtTracer, app string, bouncer bool) (*pgxpool.Pool, error) {
 	cfg, err := pgxpool.ParseConfig(dsn)
 	if err != nil {
 		return nil, fmt.Errorf("parse -dsn: %w", err)
+	}
+	if bouncer {
+		cfg.ConnConfig.DefaultQueryExecMode = pgx.QueryExecModeExec
 	}
 	if maxConns > 0 {
 		cfg.MaxConns = maxConns
@@ -88,10 +107,10 @@ func logger(level string) *slog.Logger {
 // waits for start, runs until ctx is done, and reports its counts. emit
 // must be safe for concurrent use.
 func runWorker(ctx context.Context, spec workerSpec, start <-chan struct{}, emit func(msg)) error {
-	tr := newStmtTracer(func(pid uint32) { emit(msg{PID: pid}) })
+	tr := newStmtTracer(func(ev connEvent) { emit(msg{PID: ev.PID, Port: ev.Port, ConnErr: ev.Failed}) })
 	setupCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	pool, err := newPool(setupCtx, spec.DSN, spec.PoolConns, tr, "tasking_bench")
+	pool, err := connectRetrying(setupCtx, spec, tr)
 	if err != nil {
 		return err
 	}
@@ -170,6 +189,44 @@ loop:
 	rep := &procReport{Stmts: tr.snapshot(), Redis: cmds.snapshot(), CPUSeconds: processCPU() - cpu0, Done: done.Load()}
 	emit(msg{Final: rep})
 	return runErr
+}
+
+// connectRetrying opens the worker's pool and its first connection. A
+// server out of connection slots (a big fleet on a small max_connections)
+// is what the bench is there to show, not a reason to give up: it tries
+// again until ctx ends, and every failure is counted.
+func connectRetrying(ctx context.Context, spec workerSpec, tr *stmtTracer) (*pgxpool.Pool, error) {
+	// Each process's connections are named apart, for an operator looking
+	// at pg_stat_activity (the bench itself tells them apart by backend pid
+	// and client port; the PostgreSQL locker renames its lock connection).
+	// Not through PgBouncer: it would SET application_name on every server
+	// connection that passes from one process to another.
+	app := fmt.Sprintf("tasking_bench w%d", spec.Index)
+	if spec.PgBouncer {
+		app = "tasking_bench worker"
+	}
+	backoff := 100 * time.Millisecond
+	for {
+		pool, err := newPoolMode(ctx, spec.DSN, spec.PoolConns, tr, app, spec.PgBouncer)
+		if err == nil || ctx.Err() != nil || !retryableConnErr(err) {
+			return pool, err
+		}
+		if serr := sleep(ctx, backoff); serr != nil {
+			return nil, fmt.Errorf("%w (still failing when giving up: %v)", serr, err)
+		}
+		backoff = min(2*backoff, time.Second)
+	}
+}
+
+// retryableConnErr tells a server that is full (too_many_connections,
+// cannot_connect_now) or a PgBouncer queue that timed out from a mistake
+// in the settings.
+func retryableConnErr(err error) bool {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		return pgErr.Code == "53300" || pgErr.Code == "57P03" || pgErr.Code == "08P01" && strings.Contains(pgErr.Message, "timeout")
+	}
+	return false
 }
 
 // processCPU returns the user+system CPU seconds this process has used.
