@@ -121,7 +121,7 @@ func (r *run) cleanup(ctx context.Context) {
 		"failed", got.Failed, "canceled", got.Canceled)
 	r.freeGrants(ctx, got.Workers)
 	if got.Ready > 0 {
-		r.wakeOthers(ctx)
+		r.wakeOthers()
 	}
 	r.c.waits.poke()
 }
@@ -139,15 +139,24 @@ func (r *run) freeGrants(ctx context.Context, workers []int64) {
 }
 
 // wakeOthers wakes the workers of the fleet: tasks became ready that this
-// worker did not take.
-func (r *run) wakeOthers(ctx context.Context) {
-	if ch := r.c.bus.dispatchChannel(); ch != "" {
-		if _, err := r.conn.Exec(ctx, "SELECT pg_notify($1, 'r')", ch); err != nil && ctx.Err() == nil {
-			r.log.Warn("tasking: wake-up not sent", "err", err)
-		}
+// worker did not take. The wake-up goes out after the step, in the
+// background and coalesced (see coalescer), on the worker's own connection
+// with the PostgreSQL bus: a NOTIFY inside the step would make its commit
+// queue on PostgreSQL's one lock for notifying commits.
+func (r *run) wakeOthers() {
+	ch := r.c.bus.listenChannel()
+	if ch == "" {
+		r.c.bus.released(context.Background())
 		return
 	}
-	r.c.bus.released(ctx)
+	r.wakeup.ask(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if _, err := r.conn.Exec(ctx, "SELECT pg_notify($1, 'r')", ch); err != nil {
+			r.log.Warn("tasking: wake-up not sent; workers find the tasks on their next poll", "err", err)
+		}
+		time.Sleep(notifySpacing)
+	})
 }
 
 // pollEvery is this worker's fallback poll interval: the configured one

@@ -203,13 +203,18 @@ func (s *pgSession) watch(every time.Duration) {
 		s.mu.Lock()
 		report := func() {}
 		if len(s.owned) > 0 {
-			ctx, cancel := context.WithTimeout(context.Background(), every)
-			err := s.conn.use(ctx, func(conn *pgx.Conn) error {
+			broken := false
+			err := s.conn.use(context.Background(), func(conn *pgx.Conn) error {
 				if report = s.current(conn); len(s.owned) == 0 {
 					return nil
 				}
+				// The bound starts once the connection is ours: waiting for
+				// the worker's statements says nothing about the session.
+				ctx, cancel := context.WithTimeout(context.Background(), 10*every)
+				defer cancel()
 				var pid uint32
 				if err := conn.QueryRow(ctx, "SELECT pg_backend_pid()").Scan(&pid); err != nil {
+					broken = conn.IsClosed()
 					return err
 				}
 				if pid != s.pid {
@@ -218,8 +223,7 @@ func (s *pgSession) watch(every time.Duration) {
 				}
 				return nil
 			})
-			cancel()
-			if err != nil {
+			if err != nil && (broken || s.conn.generation() != s.gen) {
 				report = s.fail(fmt.Errorf("%w: lock connection failed: %v", ErrLockLost, err))
 			}
 		}

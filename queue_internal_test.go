@@ -136,7 +136,7 @@ func TestReadyMatchesModel(t *testing.T) {
 					delete(running, id)
 				}
 			}
-			res, err := c.step(ctx, conn, 1, outs, []string{"t"}, rng.IntN(4), "")
+			res, err := c.step(ctx, conn, 1, outs, []string{"t"}, rng.IntN(4))
 			require.NoError(t, err)
 			require.Len(t, res.done, len(outs))
 			for _, tk := range res.claimed {

@@ -25,7 +25,8 @@ type run struct {
 	id       int64
 	self     fleet.Worker
 	fleet    *fleet.Store
-	conn     *workerConn
+	conn     *workerConn   // the first lane's: heartbeats, LISTEN, the PostgreSQL locker's session
+	lanes    []*workerConn // one step loop each; lanes[0] is conn
 	log      *slog.Logger
 	handlers map[string]handler
 	names    []string // handled task names
@@ -38,6 +39,7 @@ type run struct {
 
 	mu       sync.Mutex
 	active   map[int64]*activeTask // handler running
+	reserved int                   // slots a step in flight may fill
 	canceled map[int64]time.Time   // cancels that arrived before their task started here
 	orphans  map[int64]int32       // running here per the database, but unknown (epoch+1)
 	unsent   map[int64]struct{}    // handler returned, final state not yet written
@@ -46,6 +48,7 @@ type run struct {
 	sendMu   sync.RWMutex // guards closed and sends on results
 	closed   bool
 	wake     chan struct{}
+	wakeup   coalescer    // wake-ups this worker sends to the others
 	live     atomic.Int64 // live workers in the fleet, from the last heartbeat
 	handlerW sync.WaitGroup
 }
@@ -78,6 +81,10 @@ func newRun(w *Worker, handlers map[string]handler) *run {
 		wake:      make(chan struct{}, 1),
 		log:       c.log.With("worker", w.cfg.name),
 	}
+	r.lanes = []*workerConn{r.conn}
+	for i := 1; i < w.cfg.conns; i++ {
+		r.lanes = append(r.lanes, newWorkerConn(c.pool, "tasking worker"))
+	}
 	r.fleet = fleet.New(r.conn, c.schema, hashKey("tasking/registry", c.schema, ""), hashKey("tasking/cleanup", c.schema, ""))
 	r.conn.channel = c.bus.listenChannel()
 	r.conn.onNotify = func(payload string) { onMessage(payload, r.signal, r.cancelTask) }
@@ -99,8 +106,10 @@ func (r *run) register(ctx context.Context) error {
 	}
 	r.id = id
 	r.log = r.log.With("worker_id", id)
-	if err := r.conn.setAppName(ctx, workerAppName(r.c.schema, id)); err != nil {
-		return fmt.Errorf("tasking: name worker connection: %w", err)
+	for _, l := range r.lanes {
+		if err := l.setAppName(ctx, workerAppName(r.c.schema, id)); err != nil {
+			return fmt.Errorf("tasking: name worker connection: %w", err)
+		}
 	}
 	if len(taken) > 0 {
 		r.log.Warn("tasking: took over a crashed instance with the same name", "instances", taken)
@@ -144,8 +153,11 @@ func (r *run) serve(ctx context.Context, grace func() context.Context) {
 	}()
 	go func() { defer bgW.Done(); r.heartbeat(bg) }()
 
-	loopDone := make(chan struct{})
-	go func() { defer close(loopDone); r.loop(ctx) }()
+	var loops sync.WaitGroup
+	for _, l := range r.lanes {
+		loops.Add(1)
+		go func() { defer loops.Done(); r.loop(ctx, l) }()
+	}
 
 	<-ctx.Done()
 	// Shutdown: the loop claims no more. Let handlers finish within the
@@ -160,7 +172,7 @@ func (r *run) serve(ctx context.Context, grace func() context.Context) {
 		cancel()
 	}
 	r.closeResults()
-	<-loopDone
+	loops.Wait()
 	stopBg()
 	bgW.Wait()
 }
@@ -181,7 +193,9 @@ func (r *run) retire() {
 	if err := r.fleet.Retire(ctx, r.id); err != nil {
 		r.log.Warn("tasking: remove worker row", "err", err)
 	}
-	r.conn.close(ctx)
+	for _, l := range r.lanes {
+		l.close(ctx)
+	}
 	r.log.Info("tasking: worker stopped")
 }
 

@@ -33,9 +33,10 @@ const (
 	retrySoon = 5 * time.Millisecond
 )
 
-// loop runs steps until ctx is done and then, with no more claims, until
-// every outcome is written.
-func (r *run) loop(ctx context.Context) {
+// loop runs steps on conn until ctx is done and then, with no more claims,
+// until every outcome is written. A worker runs one loop per connection
+// (WithConnections); they share the outcomes, the wake-ups and the slots.
+func (r *run) loop(ctx context.Context, conn *workerConn) {
 	poll := time.NewTimer(r.pollEvery())
 	defer poll.Stop()
 	var retry <-chan time.Time
@@ -57,7 +58,7 @@ func (r *run) loop(ctx context.Context) {
 		if !stopping {
 			free = r.freeSlots()
 		}
-		if len(pending) == 0 && (free == 0 || !woken) {
+		if len(pending) == 0 && (free <= 0 || !woken) {
 			select {
 			case <-done:
 				stopping, done = true, nil
@@ -96,15 +97,17 @@ func (r *run) loop(ctx context.Context) {
 				break drain
 			}
 		}
+		free = 0
 		if !stopping {
-			free = r.freeSlots() // handlers may have returned meanwhile
+			free = r.reserve() // handlers may have returned meanwhile
 		}
 		// A step runs to its end even when shutdown begins meanwhile: a
 		// statement cut off mid-flight would close the worker's connection
 		// (and lose every grant on it) or leave a claim's outcome unknown.
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), stepTimeout)
-		started, again, err := r.step(sctx, pending, free)
+		started, again, err := r.step(sctx, conn, pending, free)
 		cancel()
+		r.unreserve(free)
 		lastEnd, lastStarted = time.Now(), started
 		if err != nil {
 			if !failing {
@@ -133,16 +136,34 @@ func (r *run) loop(ctx context.Context) {
 	}
 }
 
+// freeSlots is how many slots no handler and no step in flight takes.
 func (r *run) freeSlots() int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return r.w.cfg.slots - len(r.active)
+	return r.w.cfg.slots - len(r.active) - r.reserved
+}
+
+// reserve takes the free slots for a step, so that another lane's step does
+// not fill them too; unreserve gives them back once the step has started
+// its tasks (which then count as active).
+func (r *run) reserve() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	n := max(r.w.cfg.slots-len(r.active)-r.reserved, 0)
+	r.reserved += n
+	return n
+}
+
+func (r *run) unreserve(n int) {
+	r.mu.Lock()
+	r.reserved -= n
+	r.mu.Unlock()
 }
 
 // step writes the outcomes, claims up to free ready tasks, acquires their
 // locks and starts them. again: something is worth another look soon
 // (refused locks, handoffs left for later).
-func (r *run) step(ctx context.Context, outs []outcome, free int) (started int, again bool, err error) {
+func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free int) (started int, again bool, err error) {
 	// Release first: the step makes the next in line ready, and it should
 	// find its resources free. The handlers have returned, so nothing is
 	// done under these grants any more.
@@ -159,7 +180,7 @@ func (r *run) step(ctx context.Context, outs []outcome, free int) (started int, 
 		}
 	}
 
-	res, err := r.c.step(ctx, r.conn, r.id, outs, r.names, free, r.c.bus.dispatchChannel())
+	res, err := r.c.step(ctx, conn, r.id, outs, r.names, free)
 	if err != nil {
 		return 0, false, err
 	}
@@ -176,8 +197,8 @@ func (r *run) step(ctx context.Context, outs []outcome, free int) (started int, 
 	if len(outs) > 0 {
 		r.c.waits.poke()
 	}
-	if res.left > 0 && r.c.bus.dispatchChannel() == "" {
-		r.c.bus.released(ctx) // the step could not notify them itself
+	if res.left > 0 {
+		r.wakeOthers()
 	}
 	again = res.handoffs
 
@@ -215,7 +236,7 @@ func (r *run) step(ctx context.Context, outs []outcome, free int) (started int, 
 		// Refused: a grant of a worker that was declared lost, not freed yet
 		// (it runs out with its lease or session). The tasks keep their
 		// place in line and are claimed again shortly.
-		if err := r.unclaim(ctx, refused); err != nil {
+		if err := r.unclaim(ctx, conn, refused); err != nil {
 			r.log.Warn("tasking: put back tasks whose locks were refused", "err", err)
 		}
 		again = true
@@ -236,12 +257,12 @@ func (r *run) step(ctx context.Context, outs []outcome, free int) (started int, 
 // unclaim puts claimed tasks that will not run here back to waiting, guarded
 // by owner and epoch. They keep their place: their entries never left the
 // lines.
-func (r *run) unclaim(ctx context.Context, ts []*Task) error {
+func (r *run) unclaim(ctx context.Context, conn *workerConn, ts []*Task) error {
 	ids, epochs := make([]int64, len(ts)), make([]int32, len(ts))
 	for i, t := range ts {
 		ids[i], epochs[i] = t.ID, int32(t.Epoch)
 	}
-	_, err := r.conn.Exec(ctx, r.c.q.unclaim, r.id, ids, epochs)
+	_, err := conn.Exec(ctx, r.c.q.unclaim, r.id, ids, epochs)
 	return err
 }
 

@@ -59,6 +59,7 @@ type WorkerOption func(*workerConfig)
 
 type workerConfig struct {
 	slots int
+	conns int
 	name  string
 	poll  time.Duration
 	grace time.Duration
@@ -67,6 +68,14 @@ type workerConfig struct {
 
 // WithSlots sets how many handlers run at once. Default: 16.
 func WithSlots(n int) WorkerOption { return func(c *workerConfig) { c.slots = n } }
+
+// WithConnections sets how many PostgreSQL connections the worker uses,
+// each of its own (not from the client's pool), each running the worker's
+// steps (finish, hand-off, claim) side by side. The first also carries the
+// heartbeats, the PostgreSQL locker's session locks and LISTEN. One is
+// enough for a worker with few slots; a second lets a worker with many
+// slots use a second database core. Default: 2, or 1 with a single slot.
+func WithConnections(n int) WorkerOption { return func(c *workerConfig) { c.conns = n } }
 
 // WithWorkerName names the worker in the workers table and in logs.
 // Default: "<hostname>-<pid>".
@@ -112,6 +121,9 @@ func NewWorker(c *Client, opts ...WorkerOption) *Worker {
 	}
 	for _, o := range opts {
 		o(&cfg)
+	}
+	if cfg.conns == 0 {
+		cfg.conns = min(2, cfg.slots)
 	}
 	return &Worker{c: c, cfg: cfg, handlers: make(map[string]handler)}
 }
@@ -193,7 +205,11 @@ func (w *Worker) Run(ctx context.Context) error {
 
 	c := w.c
 	r := newRun(w, handlers)
-	defer r.conn.close(context.WithoutCancel(ctx))
+	defer func() {
+		for _, l := range r.lanes {
+			l.close(context.WithoutCancel(ctx))
+		}
+	}()
 	// Everything the worker does goes through its one connection, the
 	// schema check too: a worker process needs no other.
 	if err := c.checkSchemaOn(ctx, r.conn); err != nil {
@@ -261,6 +277,8 @@ func (w *Worker) validate() error {
 		return ErrNoHandlers
 	case w.cfg.slots < 1:
 		return inputErr("slots", "%d, need at least 1", w.cfg.slots)
+	case w.cfg.conns < 1 || w.cfg.conns > w.cfg.slots:
+		return inputErr("connections", "%d, need 1 to the number of slots (%d)", w.cfg.conns, w.cfg.slots)
 	case w.cfg.poll <= 0:
 		return inputErr("poll interval", "%v, need > 0", w.cfg.poll)
 	case w.cfg.grace < 0:

@@ -153,8 +153,10 @@ func stmtKind(sql string) string {
 	switch {
 	case strings.Contains(sql, ".dispatch("):
 		return "dispatch"
-	case strings.Contains(sql, "lock_batch(") && strings.Contains(sql, "pg_notify"):
-		return "unlock+notify"
+	case strings.Contains(sql, ".step("):
+		return "step (finish + handoff + claim)"
+	case strings.Contains(sql, ".cancel("):
+		return "cancel"
 	case strings.Contains(sql, "lock_batch($1, $2, '{}'"):
 		return "unlock"
 	case strings.Contains(sql, "lock_batch("):
@@ -163,24 +165,16 @@ func stmtKind(sql string) string {
 		return "notify"
 	case strings.HasPrefix(strings.TrimSpace(sql), "LISTEN"):
 		return "listen"
-	case strings.Contains(sql, "FOR UPDATE SKIP LOCKED"):
-		return "claim"
-	case strings.Contains(sql, "unnest($2::bigint[]"):
-		return "finish"
-	case strings.Contains(sql, "UNION ALL") && strings.Contains(sql, "state = 'waiting' AND (exclusive <> '{}'"):
-		return "scan (holding + first page)"
-	case strings.Contains(sql, "state = 'waiting' AND (exclusive <> '{}'"):
-		return "scan (deeper page)"
-	case strings.Contains(sql, "state IN ('running', 'canceling') AND (exclusive <> '{}'"):
-		return "scan (holding)"
+	case strings.Contains(sql, "set_config('application_name'"):
+		return "connection setup"
 	case strings.Contains(sql, "SET state = 'waiting', worker_id = NULL"):
 		return "unclaim"
 	case strings.Contains(sql, "pg_advisory_unlock_all"):
 		return "unlock all"
 	case strings.Contains(sql, "pg_backend_pid()"):
 		return "lock conn check"
-	case strings.Contains(sql, ".workers"), strings.Contains(sql, "pg_advisory_xact_lock"),
-		strings.Contains(sql, "pg_try_advisory_xact_lock"):
+	case strings.Contains(sql, ".workers"), strings.Contains(sql, ".settle("),
+		strings.Contains(sql, "pg_advisory_xact_lock"), strings.Contains(sql, "pg_try_advisory_xact_lock"):
 		return "fleet (register, heartbeat, cleanup)"
 	case strings.Contains(sql, "schema_version"), strings.Contains(sql, "information_schema"),
 		strings.Contains(sql, "pg_namespace"):

@@ -15,7 +15,7 @@
 ALTER TABLE {{schema}}.tasks ADD COLUMN blockers integer NOT NULL DEFAULT 0;
 
 CREATE TABLE {{schema}}.lines (
-    resource text    NOT NULL,
+    resource text COLLATE "C" NOT NULL,
     task     bigint  NOT NULL,
     excl     boolean NOT NULL,
     blocked  boolean NOT NULL,
@@ -27,9 +27,11 @@ CREATE INDEX lines_blocked_idx ON {{schema}}.lines (resource, task) WHERE blocke
 
 -- Lines whose handoff could not run when their entries went (another
 -- transaction held the line's ordering lock): the next worker step does it.
+-- No key: a line may be in it twice, and an insert never waits for another.
 CREATE TABLE {{schema}}.handoffs (
-    resource text PRIMARY KEY
+    resource text COLLATE "C" NOT NULL
 );
+CREATE INDEX handoffs_idx ON {{schema}}.handoffs (resource);
 
 -- Entries of the tasks that are not final, from before this version.
 INSERT INTO {{schema}}.lines (resource, task, excl, blocked)
@@ -75,28 +77,21 @@ DROP FUNCTION {{schema}}.dispatch(text[], jsonb[], jsonb, jsonb, bigint[], bigin
 -- commit and then draws a larger id: for conflicting tasks commit order
 -- equals id order. Under the same locks it puts each task on its lines,
 -- blocked behind what is already there. p_excl and p_shared are JSON arrays
--- holding one array of names per task. It notifies p_channel when a task is
--- ready at once.
+-- holding one array of names per task. It notifies p_channel, when given,
+-- for the commit (dispatches in the caller's transaction).
 CREATE FUNCTION {{schema}}.dispatch(
     p_names text[], p_args jsonb[], p_excl jsonb, p_shared jsonb, p_timeouts bigint[], p_channel text)
 RETURNS TABLE (id bigint, created_at timestamptz, ready boolean)
 LANGUAGE plpgsql AS $$
 DECLARE
-    n     integer := coalesce(array_length(p_names, 1), 0);
-    i     integer;
-    k     record;
-    many  boolean;
-    ex    text[];
-    sh    text[];
-    tid   bigint;
-    nblk  integer;
-    any_ready boolean := false;
+    k    record;
+    nres integer;
 BEGIN
-    SELECT count(DISTINCT r) > 64 INTO many
+    SELECT count(DISTINCT r) INTO nres
       FROM jsonb_array_elements(p_excl || p_shared) a, jsonb_array_elements_text(a) r;
-    IF many THEN
+    IF nres > 64 THEN
         PERFORM pg_advisory_xact_lock({{seed}});
-    ELSIF EXISTS (SELECT 1 FROM jsonb_array_elements(p_excl || p_shared) a WHERE a <> '[]') THEN
+    ELSIF nres > 0 THEN
         PERFORM pg_advisory_xact_lock_shared({{seed}});
         FOR k IN
             SELECT {{schema}}.rkey(r) AS key, bool_or(x) AS x
@@ -112,94 +107,171 @@ BEGIN
             END IF;
         END LOOP;
     END IF;
-    FOR i IN 1 .. n LOOP
-        ex := ARRAY(SELECT jsonb_array_elements_text(p_excl -> (i - 1)));
-        sh := ARRAY(SELECT jsonb_array_elements_text(p_shared -> (i - 1)));
-        tid := nextval('{{schema}}.task_seq');
-        nblk := 0;
-        IF ex <> '{}' OR sh <> '{}' THEN
-            WITH e AS (
-                INSERT INTO {{schema}}.lines (resource, task, excl, blocked)
-                SELECT r, tid, true, EXISTS (SELECT 1 FROM {{schema}}.lines l WHERE l.resource = r)
-                  FROM unnest(ex) r
-                UNION ALL
-                SELECT r, tid, false, EXISTS (SELECT 1 FROM {{schema}}.lines l WHERE l.resource = r AND l.excl)
-                  FROM unnest(sh) r
-                RETURNING blocked
-            )
-            SELECT count(*) FILTER (WHERE blocked) INTO nblk FROM e;
-        END IF;
-        any_ready := any_ready OR nblk = 0;
-        RETURN QUERY
-        INSERT INTO {{schema}}.tasks AS t (id, name, args, exclusive, shared, timeout_ms, blockers)
-        VALUES (tid, p_names[i], p_args[i], ex, sh, nullif(p_timeouts[i], 0), nblk)
-        RETURNING t.id, t.created_at, t.blockers = 0;
-    END LOOP;
-    IF p_channel <> '' AND any_ready THEN
+    -- Ids in batch order (volatile functions are evaluated after ORDER BY).
+    -- An entry is blocked by what its line already holds (the lines as they
+    -- were before this statement) or by an earlier entry of the batch.
+    RETURN QUERY
+    WITH specs AS (
+        SELECT nextval('{{schema}}.task_seq') AS id, u.n, u.a, u.tm,
+               ARRAY(SELECT jsonb_array_elements_text(p_excl -> (u.o::int - 1))) AS ex,
+               ARRAY(SELECT jsonb_array_elements_text(p_shared -> (u.o::int - 1))) AS sh
+          FROM unnest(p_names, p_args, p_timeouts) WITH ORDINALITY AS u(n, a, tm, o)
+         ORDER BY u.o
+    ), entries AS (
+        SELECT e.id, e.r, e.x FROM (
+            SELECT s.id, r, true AS x FROM specs s, unnest(s.ex) r
+            UNION ALL
+            SELECT s.id, r, false FROM specs s, unnest(s.sh) r) e
+    ), judged AS (
+        SELECT e.id, e.r, e.x,
+               CASE WHEN e.x THEN
+                        row_number() OVER w > 1
+                        -- Scalar subqueries with LIMIT 1: one index probe
+                        -- per entry, never a pass over all lines.
+                        OR coalesce((SELECT true FROM {{schema}}.lines l WHERE l.resource = e.r LIMIT 1), false)
+                    ELSE
+                        coalesce(count(*) FILTER (WHERE e.x) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) > 0
+                        OR coalesce((SELECT true FROM {{schema}}.lines l WHERE l.resource = e.r AND l.excl LIMIT 1), false)
+               END AS blocked
+          FROM entries e
+        WINDOW w AS (PARTITION BY e.r ORDER BY e.id)
+    ), ins_lines AS (
+        INSERT INTO {{schema}}.lines (resource, task, excl, blocked)
+        SELECT j.r, j.id, j.x, j.blocked FROM judged j
+    )
+    INSERT INTO {{schema}}.tasks AS t (id, name, args, exclusive, shared, timeout_ms, blockers)
+    SELECT s.id, s.n, s.a, s.ex, s.sh, nullif(s.tm, 0), coalesce(b.n, 0)
+      FROM specs s
+      LEFT JOIN (SELECT j.id, count(*) FILTER (WHERE j.blocked) AS n FROM judged j GROUP BY j.id) b ON b.id = s.id
+    RETURNING t.id, t.created_at, t.blockers = 0;
+    IF p_channel <> '' THEN
         PERFORM pg_notify(p_channel, 'd');
     END IF;
 END
 $$;
 
--- handoff unblocks the entries that the removal of entries from the lines
--- p_res made free, and returns the tasks that became ready. It takes each
--- line's ordering key exclusively (so no dispatch adds to the line and no
--- other handoff looks at it meanwhile), waiting at most a few milliseconds:
--- a line it cannot lock (a dispatch transaction still open on it) is left
--- in handoffs for a later step. On one line, with the first exclusive entry
--- X, the entries that may have become free are the blocked shared ones
--- before X, and X itself once nothing is ahead of it.
-CREATE FUNCTION {{schema}}.handoff(p_res text[])
-RETURNS bigint[]
+-- lock_line takes a transaction-scoped advisory lock, exclusive or shared,
+-- waiting at most 20 ms (which takes a subtransaction, so it tries first).
+-- It returns whether it got the lock. Only this wait is bounded: the lock
+-- timeout is put back before anything else can wait.
+CREATE FUNCTION {{schema}}.lock_line(p_key bigint, p_excl boolean)
+RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE
+    prev text;
+    ok   boolean := true;
+BEGIN
+    IF p_excl AND pg_try_advisory_xact_lock(p_key) OR NOT p_excl AND pg_try_advisory_xact_lock_shared(p_key) THEN
+        RETURN true;
+    END IF;
+    prev := current_setting('lock_timeout');
+    PERFORM set_config('lock_timeout', '20ms', true);
+    BEGIN
+        IF p_excl THEN
+            PERFORM pg_advisory_xact_lock(p_key);
+        ELSE
+            PERFORM pg_advisory_xact_lock_shared(p_key);
+        END IF;
+    EXCEPTION WHEN lock_not_available THEN
+        ok := false;
+    END;
+    PERFORM set_config('lock_timeout', prev, true);
+    RETURN ok;
+END
+$$;
+
+-- rkey2 orders the departures of shared entries from a line that has an
+-- exclusive entry waiting (see handoff).
+CREATE FUNCTION {{schema}}.rkey2(name text) RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT hashtextextended(name, {{seed}} + 1) $$;
+
+-- handoff unblocks the entries that the departure of entries from the lines
+-- p_res made free, and returns the tasks that became ready. p_excl[i] says
+-- whether an exclusive entry left p_res[i]. On one line, with X its first
+-- exclusive entry, the entries that may have become free are the blocked
+-- shared ones before X, and X itself once nothing is ahead of it.
+--
+-- It must see every entry that a concurrent dispatch adds, and two
+-- departures from one line must not both miss that the other made X free.
+-- The line's key (rkey) orders it against dispatches: taken exclusively
+-- when an exclusive entry left (a shared dispatch may be blocked by it),
+-- shared when only shared entries left (only an exclusive dispatch matters
+-- then, and departures of shared entries run side by side). A shared
+-- departure can free nothing but X; if the line has an X, such departures
+-- take rkey2 exclusively, one after the other. Each check runs in a
+-- statement after the lock it needs, so it sees what committed before.
+-- A line whose lock cannot be had within 20 ms (a dispatch transaction
+-- still open on it) is left in handoffs for a later step.
+CREATE FUNCTION {{schema}}.handoff(p_res text[], p_excl boolean[])
+RETURNS bigint[]
+LANGUAGE plpgsql
+-- Every statement here touches a few rows through an index; the planner's
+-- guesses for unnest() would make it hash whole tables instead.
+SET enable_hashjoin = off SET enable_mergejoin = off SET enable_seqscan = off SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
     r       text;
+    x       boolean;
     locked  text[] := '{}';
-    x       bigint;
-    head    bigint;
+    shared  text[] := '{}';
+    later   text[] := '{}';
     freed   bigint[] := '{}';
     ready   bigint[];
-    prev    text := current_setting('lock_timeout');
 BEGIN
     IF p_res IS NULL OR p_res = '{}' THEN
         RETURN '{}';
     END IF;
-    PERFORM set_config('lock_timeout', '20ms', true);
-    BEGIN
-        PERFORM pg_advisory_xact_lock_shared({{seed}});
-    EXCEPTION WHEN lock_not_available THEN
-        PERFORM set_config('lock_timeout', prev, true);
-        INSERT INTO {{schema}}.handoffs (resource) SELECT unnest(p_res) ON CONFLICT DO NOTHING;
-        RETURN '{}';
-    END;
-    FOR r IN SELECT u FROM unnest(p_res) u GROUP BY u ORDER BY {{schema}}.rkey(u) LOOP
-        BEGIN
-            PERFORM pg_advisory_xact_lock({{schema}}.rkey(r));
-            locked := locked || r;
-        EXCEPTION WHEN lock_not_available THEN
-            INSERT INTO {{schema}}.handoffs (resource) VALUES (r) ON CONFLICT DO NOTHING;
-        END;
-    END LOOP;
-    PERFORM set_config('lock_timeout', prev, true);
-    FOREACH r IN ARRAY locked LOOP
-        SELECT l.task INTO x FROM {{schema}}.lines l WHERE l.resource = r AND l.excl ORDER BY l.task LIMIT 1;
-        WITH u AS (
-            UPDATE {{schema}}.lines l SET blocked = false
-             WHERE l.resource = r AND l.blocked AND NOT l.excl AND (x IS NULL OR l.task < x)
-            RETURNING l.task
-        )
-        SELECT freed || coalesce(array_agg(u.task), '{}') INTO freed FROM u;
-        IF x IS NOT NULL THEN
-            SELECT l.task INTO head FROM {{schema}}.lines l WHERE l.resource = r ORDER BY l.task LIMIT 1;
-            IF head = x THEN
-                UPDATE {{schema}}.lines l SET blocked = false
-                 WHERE l.resource = r AND l.task = x AND l.blocked;
-                IF FOUND THEN
-                    freed := freed || x;
-                END IF;
+    IF NOT {{schema}}.lock_line({{seed}}, false) THEN
+        later := p_res;
+    ELSE
+        FOR r, x IN SELECT u.r, bool_or(u.x) FROM unnest(p_res, p_excl) AS u(r, x)
+                     GROUP BY u.r ORDER BY {{schema}}.rkey(u.r) LOOP
+            IF NOT {{schema}}.lock_line({{schema}}.rkey(r), x) THEN
+                later := later || r;
+            ELSIF x THEN
+                locked := locked || r;
+            ELSE
+                shared := shared || r;
             END IF;
-        END IF;
-    END LOOP;
+        END LOOP;
+        FOR r IN SELECT u FROM unnest(shared) u
+                  WHERE EXISTS (SELECT 1 FROM {{schema}}.lines l WHERE l.resource = u AND l.excl)
+                  ORDER BY {{schema}}.rkey2(u) LOOP
+            IF {{schema}}.lock_line({{schema}}.rkey2(r), true) THEN
+                locked := locked || r;
+            ELSE
+                later := later || r;
+            END IF;
+        END LOOP;
+    END IF;
+    IF later <> '{}' THEN
+        INSERT INTO {{schema}}.handoffs (resource) SELECT unnest(later);
+    END IF;
+    IF locked = '{}' THEN
+        RETURN '{}';
+    END IF;
+    -- On a line without an exclusive entry every blocked entry is free.
+    -- Otherwise the blocked entries up to X are found by a range scan that
+    -- stops at X, so a long line behind X is never read.
+    WITH heads AS MATERIALIZED (
+        SELECT h.r, h.x, (SELECT l.task FROM {{schema}}.lines l WHERE l.resource = h.r ORDER BY l.task LIMIT 1) AS head
+          FROM (SELECT u AS r, (SELECT l.task FROM {{schema}}.lines l WHERE l.resource = u AND l.excl
+                                 ORDER BY l.task LIMIT 1) AS x
+                  FROM unnest(locked) u) h
+    ), before_x AS (
+        UPDATE {{schema}}.lines l SET blocked = false
+          FROM heads
+         WHERE heads.x IS NOT NULL AND l.resource = heads.r AND l.blocked AND l.task <= heads.x
+           AND (l.task < heads.x OR heads.head = heads.x)
+        RETURNING l.task
+    ), no_x AS (
+        UPDATE {{schema}}.lines l SET blocked = false
+          FROM heads
+         WHERE heads.x IS NULL AND l.resource = heads.r AND l.blocked
+        RETURNING l.task
+    )
+    SELECT coalesce(array_agg(f.task), '{}') INTO freed
+      FROM (SELECT task FROM before_x UNION ALL SELECT task FROM no_x) f;
     IF freed = '{}' THEN
         RETURN '{}';
     END IF;
@@ -220,13 +292,16 @@ END
 $$;
 
 -- settle takes tasks that just became final off their lines and hands their
--- resources on, together with up to p_pending lines left in handoffs. It
--- returns the tasks that became ready.
+-- resources on, together with up to p_pending lines left in handoffs (as if
+-- an exclusive entry had left them). It returns the tasks that became ready.
 CREATE FUNCTION {{schema}}.settle(p_ids bigint[], p_pending integer)
 RETURNS bigint[]
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET enable_hashjoin = off SET enable_mergejoin = off SET enable_seqscan = off SET plan_cache_mode = force_generic_plan
+AS $$
 DECLARE
     res  text[];
+    excl boolean[];
     more text[] := '{}';
 BEGIN
     WITH d AS (
@@ -234,19 +309,19 @@ BEGIN
          USING (SELECT t.id, r FROM {{schema}}.tasks t, unnest(t.exclusive || t.shared) r
                  WHERE t.id = ANY (p_ids)) e
          WHERE l.resource = e.r AND l.task = e.id
-        RETURNING l.resource
+        RETURNING l.resource, l.excl
     )
-    SELECT coalesce(array_agg(DISTINCT d.resource), '{}') INTO res FROM d;
+    SELECT coalesce(array_agg(d.resource), '{}'), coalesce(array_agg(d.excl), '{}') INTO res, excl FROM d;
     IF p_pending > 0 THEN
         WITH p AS (
             DELETE FROM {{schema}}.handoffs h
-             WHERE h.resource IN (SELECT resource FROM {{schema}}.handoffs ORDER BY resource
-                                   LIMIT p_pending FOR UPDATE SKIP LOCKED)
+             WHERE h.ctid = ANY (ARRAY(SELECT ctid FROM {{schema}}.handoffs ORDER BY resource
+                                        LIMIT p_pending FOR UPDATE SKIP LOCKED))
             RETURNING h.resource
         )
-        SELECT coalesce(array_agg(p.resource), '{}') INTO more FROM p;
+        SELECT coalesce(array_agg(DISTINCT p.resource), '{}') INTO more FROM p;
     END IF;
-    RETURN {{schema}}.handoff(res || more);
+    RETURN {{schema}}.handoff(res || more, excl || array_fill(true, ARRAY[cardinality(more)]));
 END
 $$;
 
@@ -257,14 +332,16 @@ $$;
 -- side without waiting for each other. Rows: 'f' for each task it finished,
 -- 'c' for each task it claimed, and one 's' row whose id is the number of
 -- tasks that became ready and were not claimed here (other workers may want
--- a wake-up: it notifies p_channel for them when given) and whose epoch is 1
+-- a wake-up, which the worker sends after the commit) and whose epoch is 1
 -- when handoffs are left for later.
 CREATE FUNCTION {{schema}}.step(
     p_worker bigint, p_ids bigint[], p_epochs integer[], p_states text[], p_errors text[],
-    p_results jsonb[], p_names text[], p_free integer, p_channel text)
+    p_results jsonb[], p_names text[], p_free integer)
 RETURNS TABLE (kind "char", id bigint, name text, args jsonb, exclusive text[], shared text[],
                epoch integer, created_at timestamptz, started_at timestamptz, timeout_ms bigint)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET enable_hashjoin = off SET enable_mergejoin = off SET enable_seqscan = off SET plan_cache_mode = force_generic_plan
+AS $$
 DECLARE
     done    bigint[] := '{}';
     ready   bigint[] := '{}';
@@ -284,7 +361,7 @@ BEGIN
         )
         SELECT coalesce(array_agg(u.id), '{}') INTO done FROM u;
     END IF;
-    IF EXISTS (SELECT 1 FROM {{schema}}.handoffs) THEN
+    IF EXISTS (SELECT 1 FROM {{schema}}.handoffs ORDER BY resource LIMIT 1) THEN
         pending := 16;
     END IF;
     IF done <> '{}' OR pending > 0 THEN
@@ -307,11 +384,8 @@ BEGIN
     n_left := (SELECT count(*) FROM unnest(ready) r
               WHERE NOT EXISTS (SELECT 1 FROM {{schema}}.tasks t
                                  WHERE t.id = r AND t.worker_id = p_worker AND t.state = 'running'));
-    IF n_left > 0 AND p_channel <> '' THEN
-        PERFORM pg_notify(p_channel, 'r');
-    END IF;
     RETURN QUERY SELECT 's'::"char", n_left::bigint, NULL::text, NULL::jsonb, NULL::text[], NULL::text[],
-                        (EXISTS (SELECT 1 FROM {{schema}}.handoffs))::integer,
+                        (EXISTS (SELECT 1 FROM {{schema}}.handoffs ORDER BY resource LIMIT 1))::integer,
                         NULL::timestamptz, NULL::timestamptz, NULL::bigint;
 END
 $$;
