@@ -3,6 +3,7 @@ package tasking
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 
@@ -58,17 +59,20 @@ func newWorkerConn(pool *pgxpool.Pool, appName string) *workerConn {
 	return c
 }
 
-// setAppName names the connection in pg_stat_activity, now and after every
-// reconnect.
-func (c *workerConn) setAppName(ctx context.Context, name string) error {
+// setAppName names the connection in pg_stat_activity. The name is a
+// startup parameter (which a transaction-pooling proxy keeps per client,
+// unlike a SET), so an open connection is closed and the next use opens one
+// with the new name.
+func (c *workerConn) setAppName(ctx context.Context, name string) {
 	c.appName.Store(&name)
-	_, err := c.Exec(ctx, "SELECT set_config('application_name', $1, false)", name)
-	return err
+	c.take()
+	defer c.release()
+	c.drop(ctx)
 }
 
-// use runs fn with the connection, opening it first if needed. fn must not
-// keep the connection or anything read from it (rows) past its return.
-func (c *workerConn) use(ctx context.Context, fn func(conn *pgx.Conn) error) error {
+// take waits for the connection (interrupting an idle LISTEN wait); release
+// gives it back.
+func (c *workerConn) take() {
 	c.wanted.Add(1)
 	c.waitMu.Lock()
 	if c.cancelWait != nil {
@@ -76,10 +80,13 @@ func (c *workerConn) use(ctx context.Context, fn func(conn *pgx.Conn) error) err
 	}
 	c.waitMu.Unlock()
 	c.mu.Lock()
-	if c.wanted.Add(-1) == 0 {
-		defer c.signalIdle()
-	}
-	defer c.mu.Unlock()
+}
+
+// use runs fn with the connection, opening it first if needed. fn must not
+// keep the connection or anything read from it (rows) past its return.
+func (c *workerConn) use(ctx context.Context, fn func(conn *pgx.Conn) error) error {
+	c.take()
+	defer c.release()
 	if err := c.open(ctx); err != nil {
 		return err
 	}
@@ -105,13 +112,11 @@ func (c *workerConn) open(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("connect: %w", err)
 	}
-	_, err = conn.Exec(ctx, "SELECT set_config('application_name', $1, false)", *c.appName.Load())
-	if err == nil && c.channel != "" {
-		_, err = conn.Exec(ctx, "LISTEN "+pgx.Identifier{c.channel}.Sanitize())
-	}
-	if err != nil {
-		conn.Close(ctx)
-		return fmt.Errorf("connect: %w", err)
+	if c.channel != "" {
+		if _, err := conn.Exec(ctx, "LISTEN "+pgx.Identifier{c.channel}.Sanitize()); err != nil {
+			conn.Close(ctx)
+			return fmt.Errorf("listen: %w", err)
+		}
 	}
 	c.conn = conn
 	c.gen.Add(1)
@@ -236,13 +241,7 @@ func (c *workerConn) QueryRow(ctx context.Context, sql string, args ...any) pgx.
 
 // Begin runs a transaction: the connection stays taken until it ends.
 func (c *workerConn) Begin(ctx context.Context) (pgx.Tx, error) {
-	c.wanted.Add(1)
-	c.waitMu.Lock()
-	if c.cancelWait != nil {
-		c.cancelWait()
-	}
-	c.waitMu.Unlock()
-	c.mu.Lock()
+	c.take()
 	if err := c.open(ctx); err != nil {
 		c.release()
 		return nil, err
@@ -301,7 +300,8 @@ type bufferedRows struct {
 
 func bufferRows(rows pgx.Rows) (*bufferedRows, error) {
 	defer rows.Close()
-	b := &bufferedRows{fields: rows.FieldDescriptions(), m: rows.TypeMap(), i: -1}
+	// The field descriptions live in the connection's buffers: copy them.
+	b := &bufferedRows{fields: slices.Clone(rows.FieldDescriptions()), m: rows.TypeMap(), i: -1}
 	for rows.Next() {
 		raw := rows.RawValues()
 		cp := make([][]byte, len(raw))

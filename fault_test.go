@@ -6,8 +6,8 @@ package tasking_test
 // its parts. Each worker appends "start <task> <fence> <ns>" and
 // "end <task> <ns>" around every handler run to an events file, and
 // "cancel <task> <ns>" in between when the handler saw its task canceled;
-// once the fleet has drained, the test judges the promise (DESIGN.md §2,
-// §3, §7, §8) from those files and the final task records:
+// once the fleet has drained, the test judges the promise (docs/design.md §1,
+// §2, §8) from those files and the final task records:
 //
 //   - every dispatched task is stored once and is final (nothing lost), and
 //     the fleet got there within a generous deadline (it kept draining);
@@ -101,8 +101,8 @@ const (
 	faultOutageSlack = 5 * time.Second
 	// faultCancelBound bounds how long a handler may run on after its task
 	// was canceled without seeing it. A lost signal is caught by the
-	// worker's heartbeat (every TTL/3); the target is 50 ms (p99, DESIGN.md
-	// §7), which is reported, not enforced.
+	// worker's heartbeat (every TTL/3); the target is 50 ms (p99),
+	// which is reported, not enforced.
 	faultCancelBound = faultTTL
 )
 

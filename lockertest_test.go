@@ -1,6 +1,6 @@
 package tasking_test
 
-// The ResourceLocker conformance suite (DESIGN §6). Every implementation in
+// The ResourceLocker conformance suite (docs/design.md §7). Every implementation in
 // lockerImpls runs every case of runLockerConformance; adding a locker means
 // adding one entry there.
 

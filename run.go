@@ -107,9 +107,7 @@ func (r *run) register(ctx context.Context) error {
 	r.id = id
 	r.log = r.log.With("worker_id", id)
 	for _, l := range r.lanes {
-		if err := l.setAppName(ctx, workerAppName(r.c.schema, id)); err != nil {
-			return fmt.Errorf("tasking: name worker connection: %w", err)
-		}
+		l.setAppName(ctx, workerAppName(r.c.schema, id))
 	}
 	if len(taken) > 0 {
 		r.log.Warn("tasking: took over a crashed instance with the same name", "instances", taken)

@@ -204,7 +204,7 @@ func TestValidationDispatch(t *testing.T) {
 
 // TestValidationArgsPostgresRejects covers args that pass the Go-side checks
 // (json.Marshal succeeds, json.Valid says yes) but that PostgreSQL's jsonb
-// refuses. They must be rejected as bad input before the round trip (§8):
+// refuses. They must be rejected as bad input before the round trip:
 // today they come back as a raw SQLSTATE error, and in DispatchTx they also
 // abort the caller's transaction.
 func TestValidationArgsPostgresRejects(t *testing.T) {

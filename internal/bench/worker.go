@@ -115,6 +115,10 @@ func runWorker(ctx context.Context, spec workerSpec, start <-chan struct{}, emit
 		return err
 	}
 	defer pool.Close()
+	// The worker runs on connections of its own (taking the pool's
+	// settings); the connection the check above opened would only sit idle
+	// and count against max_connections.
+	pool.Reset()
 	cmds := newCmdCounter()
 	var closeRedis func()
 	locker := tasking.NewPostgresLocker()
