@@ -74,6 +74,9 @@ func TestReadyMatchesModel(t *testing.T) {
 	require.NoError(t, c.Migrate(ctx))
 	conn := newWorkerConn(pool, "model test")
 	defer conn.close(ctx)
+	var worker int64 // steps claim only for a worker with a fresh heartbeat
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO `+pgIdent(c.schema)+`.workers (name, host, pid, locker)
+		VALUES ('model', 'h', 1, 'memory') RETURNING id`).Scan(&worker))
 
 	seed := modelSeed(t)
 	rng := rand.New(rand.NewPCG(seed, 7))
@@ -136,7 +139,7 @@ func TestReadyMatchesModel(t *testing.T) {
 					delete(running, id)
 				}
 			}
-			res, err := c.step(ctx, conn, 1, outs, []string{"t"}, rng.IntN(4))
+			res, err := c.step(ctx, conn, worker, outs, []string{"t"}, rng.IntN(4), time.Hour)
 			require.NoError(t, err)
 			require.Len(t, res.done, len(outs))
 			for _, tk := range res.claimed {

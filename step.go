@@ -180,7 +180,7 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 		}
 	}
 
-	res, err := r.c.step(ctx, conn, r.id, outs, r.names, free)
+	res, err := r.c.step(ctx, conn, r.id, outs, r.names, free, r.w.cfg.ttl*2/3)
 	if err != nil {
 		return 0, false, err
 	}

@@ -336,7 +336,7 @@ $$;
 -- when handoffs are left for later.
 CREATE FUNCTION {{schema}}.step(
     p_worker bigint, p_ids bigint[], p_epochs integer[], p_states text[], p_errors text[],
-    p_results jsonb[], p_names text[], p_free integer)
+    p_results jsonb[], p_names text[], p_free integer, p_fresh_ms bigint)
 RETURNS TABLE (kind "char", id bigint, name text, args jsonb, exclusive text[], shared text[],
                epoch integer, created_at timestamptz, started_at timestamptz, timeout_ms bigint)
 LANGUAGE plpgsql
@@ -370,7 +370,12 @@ BEGIN
     RETURN QUERY SELECT 'f'::"char", d, NULL::text, NULL::jsonb, NULL::text[], NULL::text[],
                         NULL::integer, NULL::timestamptz, NULL::timestamptz, NULL::bigint
                    FROM unnest(done) d;
-    IF p_free > 0 THEN
+    -- Claim only while this worker's heartbeat is fresh: cleanup declares a
+    -- worker lost after a TTL without one, and p_fresh_ms (two thirds of
+    -- it) leaves the worker that much time to start what it claims before
+    -- cleanup could fail those tasks under it.
+    IF p_free > 0 AND EXISTS (SELECT 1 FROM {{schema}}.workers w
+                               WHERE w.id = p_worker AND w.heartbeat_at > now() - p_fresh_ms * interval '1 ms') THEN
         RETURN QUERY
         UPDATE {{schema}}.tasks t
            SET state = 'running', worker_id = p_worker, epoch = t.epoch + 1, started_at = clock_timestamp()
