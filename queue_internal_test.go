@@ -139,7 +139,7 @@ func TestReadyMatchesModel(t *testing.T) {
 					delete(running, id)
 				}
 			}
-			res, err := c.step(ctx, conn, worker, outs, []string{"t"}, rng.IntN(4), time.Hour)
+			res, err := c.step(ctx, conn, worker, outs, []string{"t"}, rng.IntN(4), time.Hour, true)
 			require.NoError(t, err)
 			require.Len(t, res.done, len(outs))
 			for _, tk := range res.claimed {

@@ -40,9 +40,12 @@ type run struct {
 	mu       sync.Mutex
 	active   map[int64]*activeTask // handler running
 	reserved int                   // slots a step in flight may fill
-	canceled map[int64]time.Time   // cancels that arrived before their task started here
-	orphans  map[int64]int32       // running here per the database, but unknown (epoch+1)
-	unsent   map[int64]struct{}    // handler returned, final state not yet written
+	// While the locker is out of reach (since lockDownSince), steps claim
+	// only tasks that need no locks, and probe it again at lockProbeAt.
+	lockDownSince, lockProbeAt time.Time
+	canceled                   map[int64]time.Time // cancels that arrived before their task started here
+	orphans                    map[int64]int32     // running here per the database, but unknown (epoch+1)
+	unsent                     map[int64]struct{}  // handler returned, final state not yet written
 
 	results  chan outcome // from handlers to the step loop
 	sendMu   sync.RWMutex // guards closed and sends on results

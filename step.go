@@ -180,7 +180,7 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 		}
 	}
 
-	res, err := r.c.step(ctx, conn, r.id, outs, r.names, free, r.w.cfg.ttl*2/3)
+	res, err := r.c.step(ctx, conn, r.id, outs, r.names, free, r.w.cfg.ttl*2/3, r.lockerUp(ctx))
 	if err != nil {
 		return 0, false, err
 	}
@@ -216,6 +216,7 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 	if len(reqs) > 0 {
 		fences, err := r.lock.TryAcquire(ctx, reqs)
 		if err != nil {
+			r.lockerFailed()
 			// The locker is out of reach: what names resources goes back in
 			// line; tasks without resources need no grant.
 			if rerr := r.lock.Release(ctx, ownersOf(reqs)); rerr != nil {
@@ -252,6 +253,47 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 		}
 	}
 	return started, again, lockErr
+}
+
+// lockerFailed notes that the locker is out of reach: until a probe gets
+// through, steps claim only tasks that need no locks, rather than claiming
+// and putting back the others again and again.
+func (r *run) lockerFailed() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.lockDownSince.IsZero() {
+		r.lockDownSince = time.Now()
+		r.lockProbeAt = time.Now()
+	}
+}
+
+// lockerUp reports whether steps may claim tasks that need locks. While the
+// locker is out of reach it probes it now and then (with a grant no task
+// uses, released at once).
+func (r *run) lockerUp(ctx context.Context) bool {
+	r.mu.Lock()
+	down, next := !r.lockDownSince.IsZero(), r.lockProbeAt
+	r.mu.Unlock()
+	if !down {
+		return true
+	}
+	if time.Now().Before(next) {
+		return false
+	}
+	probe := []LockRequest{{Owner: Owner{r.id, 0}, Exclusive: []string{"tasking/probe"}}}
+	_, err := r.lock.TryAcquire(ctx, probe)
+	if err == nil {
+		err = r.lock.Release(ctx, ownersOf(probe))
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if err != nil {
+		wait := min(2*time.Since(r.lockDownSince), 2*time.Second)
+		r.lockProbeAt = time.Now().Add(jitter(max(wait, 20*time.Millisecond)))
+		return false
+	}
+	r.lockDownSince = time.Time{}
+	return true
 }
 
 // unclaim puts claimed tasks that will not run here back to waiting, guarded

@@ -328,7 +328,8 @@ $$;
 -- step is one round trip of a worker: it writes the final states of the
 -- tasks its handlers finished (guarded by worker and epoch; a canceling task
 -- ends canceled), settles them, and claims up to p_free ready tasks with
--- names it handles, oldest first. SKIP LOCKED lets workers claim side by
+-- names it handles, oldest first (only tasks that need no locks when
+-- p_locks is false: the worker's locker is out of reach). SKIP LOCKED lets workers claim side by
 -- side without waiting for each other. Rows: 'f' for each task it finished,
 -- 'c' for each task it claimed, and one 's' row whose id is the number of
 -- tasks that became ready and were not claimed here (other workers may want
@@ -336,7 +337,7 @@ $$;
 -- when handoffs are left for later.
 CREATE FUNCTION {{schema}}.step(
     p_worker bigint, p_ids bigint[], p_epochs integer[], p_states text[], p_errors text[],
-    p_results jsonb[], p_names text[], p_free integer, p_fresh_ms bigint)
+    p_results jsonb[], p_names text[], p_free integer, p_fresh_ms bigint, p_locks boolean)
 RETURNS TABLE (kind "char", id bigint, name text, args jsonb, exclusive text[], shared text[],
                epoch integer, created_at timestamptz, started_at timestamptz, timeout_ms bigint)
 LANGUAGE plpgsql
@@ -382,6 +383,7 @@ BEGIN
          WHERE t.id = ANY (ARRAY(
                 SELECT c.id FROM {{schema}}.tasks c
                  WHERE c.state = 'waiting' AND c.blockers = 0 AND c.name = ANY (p_names)
+                   AND (p_locks OR c.exclusive = '{}' AND c.shared = '{}')
                  ORDER BY c.id LIMIT p_free FOR UPDATE SKIP LOCKED))
         RETURNING 'c'::"char", t.id, t.name, t.args, t.exclusive, t.shared, t.epoch, t.created_at,
                   t.started_at, coalesce(t.timeout_ms, 0);
