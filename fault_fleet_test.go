@@ -7,6 +7,7 @@ package tasking_test
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -90,6 +91,11 @@ type faultRun struct {
 	client *tasking.Client
 	schema string
 
+	// Without pg (redis), the workers use the PostgreSQL at dsn (the Redis
+	// at redisAddr, "": none): the shared test servers.
+	dsn, redisAddr string
+	slots          int // handler slots per worker; 0 is faultSlots
+
 	// onWave, when set (by the scenario's setup), is called by the
 	// dispatcher with the tasks of every wave as soon as it is stored.
 	onWave func(tasks []*tasking.Task)
@@ -129,14 +135,25 @@ func (fx *faultRun) startProc(slot int, name string) *faultProc {
 	defer logf.Close()
 	// The pool's sessions carry the worker's name, so scenario 2 can find
 	// them; the lock session is "tasking lock <worker id>".
-	dsn := fx.pg.URL() + "&pool_max_conns=6&application_name=" + url.QueryEscape(name)
+	dsn, redisAddr, slots := fx.dsn, fx.redisAddr, cmp.Or(fx.slots, faultSlots)
+	if fx.pg != nil {
+		dsn = fx.pg.URL()
+	}
+	if fx.redis != nil {
+		redisAddr = fx.redis.Addr()
+	}
+	sep := "?"
+	if strings.Contains(dsn, "?") {
+		sep = "&"
+	}
+	dsn += sep + "pool_max_conns=6&application_name=" + url.QueryEscape(name)
 	args := []string{
 		"-dsn", dsn, "-schema", fx.schema, "-locker", fx.sc.lockerKind(),
-		"-slots", strconv.Itoa(faultSlots), "-name", name, "-ttl", faultTTL.String(),
+		"-slots", strconv.Itoa(slots), "-name", name, "-ttl", faultTTL.String(),
 		"-poll", "200ms", "-grace", "2s", "-lock-check", "50ms",
 		"-events", p.events}
-	if fx.redis != nil {
-		args = append(args, "-redis", fx.redis.Addr(), "-redis-lease", faultLease.String())
+	if redisAddr != "" {
+		args = append(args, "-redis", redisAddr, "-redis-lease", faultLease.String())
 	}
 	p.cmd = exec.Command(fx.bin, args...)
 	p.cmd.Stdout, p.cmd.Stderr = logf, logf
@@ -367,9 +384,9 @@ func taskIndex(t *tasking.Task) int {
 	return *a.I
 }
 
-// drain waits until every dispatched task is final or the deadline passes,
-// and returns the tasks as last read.
-func (fx *faultRun) drain(deadline time.Time) ([]*tasking.Task, bool) {
+// drain waits until want tasks are stored and every one is final, or the
+// deadline passes, and returns the tasks as last read.
+func (fx *faultRun) drain(want int, deadline time.Time) ([]*tasking.Task, bool) {
 	var last []*tasking.Task
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -377,7 +394,7 @@ func (fx *faultRun) drain(deadline time.Time) ([]*tasking.Task, bool) {
 		cancel()
 		if err == nil {
 			last = tasks
-			if len(tasks) >= faultTasks && countFinal(tasks) == len(tasks) {
+			if len(tasks) >= want && countFinal(tasks) == len(tasks) {
 				return tasks, true
 			}
 		}
@@ -469,7 +486,9 @@ func (fx *faultRun) dumpLogs() {
 	for _, p := range fx.procs {
 		fx.t.Logf("--- worker %s (pid %d, id %d) log tail:\n%s", p.name, p.pid, p.workerID, tail(p.logPath, 25))
 	}
-	fx.t.Logf("--- PostgreSQL log tail:\n%s", tail(fx.pg.LogPath(), 15))
+	if fx.pg != nil {
+		fx.t.Logf("--- PostgreSQL log tail:\n%s", tail(fx.pg.LogPath(), 15))
+	}
 }
 
 func tail(path string, n int) string {

@@ -270,7 +270,7 @@ func runFaultScenario(t *testing.T, bin string, seed uint64, sc faultScenario) {
 	}
 	quiet := time.Now()
 
-	tasks, drained := fx.drain(quiet.Add(faultDrain))
+	tasks, drained := fx.drain(faultTasks, quiet.Add(faultDrain))
 	drainTime := time.Since(quiet)
 	stopBg()
 	fx.stopFleet()

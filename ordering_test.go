@@ -3,6 +3,7 @@ package tasking_test
 import (
 	"context"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"os"
 	"slices"
@@ -80,50 +81,6 @@ func TestOrderingProperty(t *testing.T) {
 				nDispatchers = 4
 				universe     = 10
 			)
-			newLocker := lc.new(t)
-			pool := testdb.Pool(t, 10)
-			schema := testdb.Schema(t, pool)
-			client := func(p *pgxpool.Pool) *tasking.Client {
-				c, err := tasking.New(p, tasking.WithSchema(schema), tasking.WithLogger(quietLogger()),
-					tasking.WithLocker(newLocker()))
-				require.NoError(t, err)
-				return c
-			}
-			disp := client(pool)
-			require.NoError(t, disp.Migrate(ctxT(t, 30*time.Second)))
-
-			var clock atomic.Int64
-			var mu sync.Mutex
-			events := make(map[int64]*event)
-			var finished atomic.Int64
-			allDone := make(chan struct{})
-			handler := func(ctx context.Context, task *tasking.Task) error {
-				ev := &event{start: clock.Add(1)}
-				mu.Lock()
-				if old := events[task.ID]; old != nil {
-					old.runs++
-					mu.Unlock()
-					return fmt.Errorf("task %d ran twice", task.ID)
-				}
-				ev.runs = 1
-				events[task.ID] = ev
-				mu.Unlock()
-				if d := task.ID % 7; d == 0 { // some tasks take a little while
-					time.Sleep(time.Duration(d+1) * 300 * time.Microsecond)
-				}
-				ev.end = clock.Add(1)
-				if finished.Add(1) == nTasks {
-					close(allDone)
-				}
-				return nil
-			}
-			for i := 0; i < nWorkers; i++ {
-				w := tasking.NewWorker(client(testdb.Pool(t, 8)), tasking.WithSlots(slots),
-					tasking.WithWorkerName(fmt.Sprintf("w%d", i)), tasking.WithPollInterval(200*time.Millisecond))
-				w.Handle("t", handler)
-				runWorker(t, w)
-			}
-
 			// Random specs, drawn up front so the seed reproduces them.
 			specs := make([]tasking.TaskSpec, nTasks)
 			for i := range specs {
@@ -137,43 +94,108 @@ func TestOrderingProperty(t *testing.T) {
 				}
 				specs[i] = tasking.Spec("t", map[string]int{"i": i}, tasking.Exclusive(excl...), tasking.Shared(shared...))
 			}
-			ctx := ctxT(t, 40*time.Second)
-			var wg sync.WaitGroup
-			for d := 0; d < nDispatchers; d++ {
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					for i := d; i < nTasks; i += nDispatchers {
-						if _, err := disp.DispatchMany(ctx, specs[i]); err != nil {
-							t.Errorf("dispatch: %v", err)
-							return
+			f := fleet{workers: nWorkers, slots: slots, tasks: nTasks, timeout: 40 * time.Second}
+			tasks, events := f.run(t, seed, lc.new(t), func(ctx context.Context, disp *tasking.Client) {
+				var wg sync.WaitGroup
+				for d := 0; d < nDispatchers; d++ {
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						for i := d; i < nTasks; i += nDispatchers {
+							if _, err := disp.DispatchMany(ctx, specs[i]); err != nil {
+								t.Errorf("dispatch: %v", err)
+								return
+							}
 						}
-					}
-				}()
-			}
-			wg.Wait()
-			select {
-			case <-allDone:
-			case <-ctx.Done():
-				dumpStuck(t, pool, schema)
-				t.Fatalf("seed %d: only %d of %d tasks ran", seed, finished.Load(), nTasks)
-			}
-
-			// Wait for every final state, then read the tasks back.
-			var tasks []*tasking.Task
-			for {
-				tasks = readAll(t, pool, schema)
-				if countFinal(tasks) == nTasks || ctx.Err() != nil {
-					break
+					}()
 				}
-				time.Sleep(20 * time.Millisecond)
-			}
-			require.Len(t, tasks, nTasks)
-			mu.Lock()
-			defer mu.Unlock()
+				wg.Wait()
+			})
 			checkPromise(t, seed, tasks, events)
 		})
 	}
+}
+
+// fleet is an in-process fleet of workers, each with a client and pool of
+// its own (as separate processes would have), handling task name "t".
+type fleet struct {
+	workers, slots int
+	tasks          int           // how many tasks dispatch stores
+	timeout        time.Duration // for the whole run
+}
+
+// run starts the fleet on a fresh schema, calls dispatch with a client of
+// its own, waits until f.tasks handlers have run and every task is final,
+// and returns the tasks (by id) and the handlers' record. A handler whose
+// task id is a multiple of 7 sleeps 300 µs; the others return at once.
+func (f fleet) run(t *testing.T, seed uint64, newLocker func() tasking.ResourceLocker,
+	dispatch func(ctx context.Context, disp *tasking.Client)) ([]*tasking.Task, map[int64]*event) {
+	t.Helper()
+	pool := testdb.Pool(t, 10)
+	schema := testdb.Schema(t, pool)
+	client := func(p *pgxpool.Pool) *tasking.Client {
+		c, err := tasking.New(p, tasking.WithSchema(schema), tasking.WithLogger(quietLogger()),
+			tasking.WithLocker(newLocker()))
+		require.NoError(t, err)
+		return c
+	}
+	disp := client(pool)
+	require.NoError(t, disp.Migrate(ctxT(t, 30*time.Second)))
+
+	var clock atomic.Int64
+	var mu sync.Mutex
+	events := make(map[int64]*event)
+	var finished atomic.Int64
+	allDone := make(chan struct{})
+	handler := func(ctx context.Context, task *tasking.Task) error {
+		ev := &event{start: clock.Add(1)}
+		mu.Lock()
+		if old := events[task.ID]; old != nil {
+			old.runs++
+			mu.Unlock()
+			return fmt.Errorf("task %d ran twice", task.ID)
+		}
+		ev.runs = 1
+		events[task.ID] = ev
+		mu.Unlock()
+		if d := task.ID % 7; d == 0 { // some tasks take a little while
+			time.Sleep(time.Duration(d+1) * 300 * time.Microsecond)
+		}
+		ev.end = clock.Add(1)
+		if finished.Add(1) == int64(f.tasks) {
+			close(allDone)
+		}
+		return nil
+	}
+	for i := 0; i < f.workers; i++ {
+		w := tasking.NewWorker(client(testdb.Pool(t, 8)), tasking.WithSlots(f.slots),
+			tasking.WithWorkerName(fmt.Sprintf("w%d", i)), tasking.WithPollInterval(200*time.Millisecond))
+		w.Handle("t", handler)
+		runWorker(t, w)
+	}
+
+	ctx := ctxT(t, f.timeout)
+	dispatch(ctx, disp)
+	select {
+	case <-allDone:
+	case <-ctx.Done():
+		dumpStuck(t, pool, schema)
+		t.Fatalf("seed %d: only %d of %d tasks ran", seed, finished.Load(), f.tasks)
+	}
+
+	// Wait for every final state, then read the tasks back.
+	var tasks []*tasking.Task
+	for {
+		tasks = readAll(t, pool, schema)
+		if countFinal(tasks) == f.tasks || ctx.Err() != nil {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	require.Len(t, tasks, f.tasks)
+	mu.Lock()
+	defer mu.Unlock()
+	return tasks, maps.Clone(events)
 }
 
 func countFinal(ts []*tasking.Task) int {
