@@ -38,32 +38,53 @@ func (r *run) start(t *Task) {
 	r.handlerW.Add(1)
 	go func() {
 		defer r.handlerW.Done()
-		err := r.call(hctx, h.fn, t)
-		if lc, ok := r.lock.(LeaseChecker); ok && a.names {
-			lc.CheckLease(Owner{r.id, t.ID}) // may call r.lost, before a.lost is read
-		}
-		cause := context.Cause(hctx)
-		stopTimer()
-		r.mu.Lock()
-		a.cancel(nil)
-		delete(r.active, t.ID)
-		r.unsent[t.ID] = struct{}{}
-		o := outcome{task: t, state: StateCompleted, owner: a.names}
-		switch {
-		case a.lost:
-			o.state, o.err = StateFailed, errorText(cause)
-		case errors.Is(cause, ErrTimeout) || errors.Is(cause, ErrCanceled) || errors.Is(cause, ErrWorkerLost):
-			// A canceled task ends canceled in the step.
-			o.state, o.err = StateFailed, cause.Error()
-		case err != nil:
-			o.state, o.err = StateFailed, err.Error()
-			if errors.Is(cause, ErrShutdown) {
-				o.err = ErrShutdown.Error() + ": " + o.err
+		// The outcome is recorded in a deferred call so that a handler that
+		// ends its goroutine with runtime.Goexit (t.FailNow in a test helper,
+		// say) still frees its slot and its locks instead of wedging its
+		// task; returned tells the two apart.
+		var err error
+		returned := false
+		defer func() {
+			if !returned {
+				err = errGoexit
+				r.log.Error("tasking: handler called runtime.Goexit; its task fails", "task", t.ID, "name", t.Name)
 			}
-		}
-		r.mu.Unlock()
-		r.send(o)
+			r.settleHandler(hctx, t, a, err, stopTimer)
+		}()
+		err = r.call(hctx, h.fn, t)
+		returned = true
 	}()
+}
+
+// errGoexit is the failure of a task whose handler called runtime.Goexit.
+var errGoexit = errors.New("handler called runtime.Goexit before returning")
+
+// settleHandler turns a handler's end into an outcome for the next step.
+func (r *run) settleHandler(hctx context.Context, t *Task, a *activeTask, err error, stopTimer context.CancelFunc) {
+	if lc, ok := r.lock.(LeaseChecker); ok && a.names {
+		lc.CheckLease(Owner{r.id, t.ID}) // may call r.lost, before a.lost is read
+	}
+	cause := context.Cause(hctx)
+	stopTimer()
+	r.mu.Lock()
+	a.cancel(nil)
+	delete(r.active, t.ID)
+	r.unsent[t.ID] = struct{}{}
+	o := outcome{task: t, state: StateCompleted, owner: a.names}
+	switch {
+	case a.lost:
+		o.state, o.err = StateFailed, errorText(cause)
+	case errors.Is(cause, ErrTimeout) || errors.Is(cause, ErrCanceled) || errors.Is(cause, ErrWorkerLost):
+		// A canceled task ends canceled in the step.
+		o.state, o.err = StateFailed, cause.Error()
+	case err != nil:
+		o.state, o.err = StateFailed, err.Error()
+		if errors.Is(cause, ErrShutdown) {
+			o.err = ErrShutdown.Error() + ": " + o.err
+		}
+	}
+	r.mu.Unlock()
+	r.send(o)
 }
 
 func errorText(err error) string {

@@ -51,8 +51,9 @@ type run struct {
 	sendMu   sync.RWMutex // guards closed and sends on results
 	closed   bool
 	wake     chan struct{}
-	wakeup   coalescer    // wake-ups this worker sends to the others
-	live     atomic.Int64 // live workers in the fleet, from the last heartbeat
+	wakes    atomic.Uint64 // wake-ups asked for so far (see loop)
+	wakeup   coalescer     // wake-ups this worker sends to the others
+	live     atomic.Int64  // live workers in the fleet, from the last heartbeat
 	handlerW sync.WaitGroup
 }
 
@@ -130,6 +131,7 @@ func workerAppName(schema string, worker int64) string {
 
 // signal asks the step loop for another step.
 func (r *run) signal() {
+	r.wakes.Add(1)
 	select {
 	case r.wake <- struct{}{}:
 	default:

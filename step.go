@@ -104,6 +104,9 @@ func (r *run) loop(ctx context.Context, conn *workerConn) {
 		// A step runs to its end even when shutdown begins meanwhile: a
 		// statement cut off mid-flight would close the worker's connection
 		// (and lose every grant on it) or leave a claim's outcome unknown.
+		// A wake-up that arrives during the step may be taken by another
+		// lane that has no free slot: this lane looks again if any came.
+		seq := r.wakes.Load()
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), stepTimeout)
 		started, again, err := r.step(sctx, conn, pending, free)
 		cancel()
@@ -129,7 +132,7 @@ func (r *run) loop(ctx context.Context, conn *workerConn) {
 			failing, backoff = false, 10*time.Millisecond
 		}
 		pending = pending[:0]
-		woken = false
+		woken = r.wakes.Load() != seq
 		if again && retry == nil {
 			retry = time.After(retrySoon)
 		}

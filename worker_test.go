@@ -3,6 +3,7 @@ package tasking_test
 import (
 	"context"
 	"errors"
+	"runtime"
 	"testing"
 	"time"
 
@@ -22,6 +23,7 @@ func TestHandlerOutcomes(t *testing.T) {
 	})
 	w.Handle("fail", func(context.Context, *tasking.Task) error { return errors.New("disk on fire") })
 	w.Handle("panic", func(context.Context, *tasking.Task) error { panic("boom") })
+	w.Handle("goexit", func(context.Context, *tasking.Task) error { runtime.Goexit(); return nil })
 	w.Handle("badargs", func(context.Context, *tasking.Task) error { return nil })
 	type args struct{ N int }
 	tasking.HandleFunc(w, "typed", func(ctx context.Context, a args) error {
@@ -51,6 +53,13 @@ func TestHandlerOutcomes(t *testing.T) {
 	require.Equal(t, tasking.StateFailed, panicked.State)
 	require.Contains(t, panicked.Error, "panic: boom")
 	require.Contains(t, panicked.Error, "worker_test.go", "the stack is stored")
+
+	// runtime.Goexit (t.FailNow in a helper) fails the task and frees its
+	// resource: the next task on it runs.
+	goexit := wait("goexit", nil, tasking.Exclusive("g"))
+	require.Equal(t, tasking.StateFailed, goexit.State)
+	require.Contains(t, goexit.Error, "runtime.Goexit")
+	require.Equal(t, tasking.StateCompleted, wait("ok", nil, tasking.Exclusive("g")).State)
 
 	typed := wait("typed", map[string]int{"N": 7})
 	require.Equal(t, tasking.StateCompleted, typed.State, typed.Error)

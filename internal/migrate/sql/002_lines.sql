@@ -82,7 +82,11 @@ DROP FUNCTION {{schema}}.dispatch(text[], jsonb[], jsonb, jsonb, bigint[], bigin
 CREATE FUNCTION {{schema}}.dispatch(
     p_names text[], p_args jsonb[], p_excl jsonb, p_shared jsonb, p_timeouts bigint[], p_channel text)
 RETURNS TABLE (id bigint, created_at timestamptz, ready boolean)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- Planned once per session: its statements are long to plan, and the same
+-- plan serves one task or thousands.
+SET plan_cache_mode = force_generic_plan
+AS $$
 DECLARE
     k    record;
     nres integer;
