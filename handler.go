@@ -67,6 +67,10 @@ func (r *run) settleHandler(hctx context.Context, t *Task, a *activeTask, err er
 	cause := context.Cause(hctx)
 	stopTimer()
 	r.mu.Lock()
+	if a.abandoned { // its outcome was written at shutdown
+		r.mu.Unlock()
+		return
+	}
 	a.cancel(nil)
 	delete(r.active, t.ID)
 	r.unsent[t.ID] = struct{}{}

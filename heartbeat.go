@@ -29,10 +29,11 @@ func (r *run) beat(ctx context.Context) {
 	b, err := r.fleet.Beat(ctx, r.id, r.w.cfg.ttl)
 	if err != nil {
 		if ctx.Err() == nil {
-			r.log.Warn("tasking: heartbeat failed", "err", err)
+			r.beatLog.failed(err)
 		}
 		return
 	}
+	r.beatLog.ok()
 	r.live.Store(b.Live)
 	r.sweep(ctx, b.Owned)
 	if !b.Present {
@@ -110,10 +111,11 @@ func (r *run) cleanup(ctx context.Context) {
 	got, err := r.fleet.Cleanup(ctx, r.w.cfg.ttl)
 	if err != nil {
 		if ctx.Err() == nil {
-			r.log.Warn("tasking: cleanup of dead workers failed", "err", err)
+			r.cleanLog.failed(err)
 		}
 		return
 	}
+	r.cleanLog.ok()
 	if len(got.Workers) == 0 && got.Failed+got.Canceled == 0 {
 		return
 	}

@@ -14,11 +14,13 @@ import (
 // PostgresLockerOption configures [NewPostgresLocker].
 type PostgresLockerOption func(*pgLocker)
 
-// WithLockCheckInterval sets how often a worker's lock connection is checked
-// while it holds grants. A check that fails (connection gone, backend
-// changed) means the server dropped every lock of the session: the worker
-// cancels those tasks and fails them with "lock lost". Default: 1s.
-func WithLockCheckInterval(d time.Duration) PostgresLockerOption {
+// WithPostgresLockCheckInterval sets how often the PostgreSQL locker checks
+// a worker's connection while it holds grants. A check that fails
+// (connection gone, backend changed) means the server dropped every lock of
+// the session: the worker cancels those tasks and fails them with "lock
+// lost". Like the Redis locker's options, it is named after its locker.
+// Default: 1s.
+func WithPostgresLockCheckInterval(d time.Duration) PostgresLockerOption {
 	return func(l *pgLocker) {
 		if d > 0 {
 			l.check = d

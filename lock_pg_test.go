@@ -21,7 +21,7 @@ func TestPostgresLockerConnectionLost(t *testing.T) {
 	t.Parallel()
 	pool := testdb.Pool(t, 4)
 	schema := migratedSchema(t, pool)
-	locker := tasking.NewPostgresLocker(tasking.WithLockCheckInterval(50 * time.Millisecond))
+	locker := tasking.NewPostgresLocker(tasking.WithPostgresLockCheckInterval(50 * time.Millisecond))
 	// The lock connection's application_name carries its worker id; an id no
 	// parallel test uses singles out its backend.
 	wa := 1e12 + rand.Int64N(1e12)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -47,21 +48,25 @@ type run struct {
 	orphans                    map[int64]int32     // running here per the database, but unknown (epoch+1)
 	unsent                     map[int64]struct{}  // handler returned, final state not yet written
 
-	results  chan outcome // from handlers to the step loop
-	sendMu   sync.RWMutex // guards closed and sends on results
-	closed   bool
-	wake     chan struct{}
-	wakes    atomic.Uint64 // wake-ups asked for so far (see loop)
-	wakeup   coalescer     // wake-ups this worker sends to the others
-	live     atomic.Int64  // live workers in the fleet, from the last heartbeat
-	handlerW sync.WaitGroup
+	results   chan outcome // from handlers to the step loop
+	sendMu    sync.RWMutex // guards closed and sends on results
+	closed    bool
+	wake      chan struct{}
+	wakes     atomic.Uint64 // wake-ups asked for so far (see loop)
+	unwritten atomic.Int64  // outcomes given up on at shutdown
+	wakeup    coalescer     // wake-ups this worker sends to the others
+	live      atomic.Int64  // live workers in the fleet, from the last heartbeat
+	beatLog   failureLog    // heartbeats and cleanups that keep failing are logged once, then summarised
+	cleanLog  failureLog
+	handlerW  sync.WaitGroup
 }
 
 type activeTask struct {
-	task   *Task
-	cancel context.CancelCauseFunc
-	names  bool // holds grants
-	lost   bool // grants lost: fail whatever the handler returns
+	task      *Task
+	cancel    context.CancelCauseFunc
+	names     bool // holds grants
+	lost      bool // grants lost: fail whatever the handler returns
+	abandoned bool // given up at shutdown: its outcome was written for it
 }
 
 func newRun(w *Worker, handlers map[string]handler) *run {
@@ -110,6 +115,8 @@ func (r *run) register(ctx context.Context) error {
 	}
 	r.id = id
 	r.log = r.log.With("worker_id", id)
+	r.beatLog = failureLog{log: r.log, what: "heartbeat"}
+	r.cleanLog = failureLog{log: r.log, what: "cleanup of dead workers"}
 	for _, l := range r.lanes {
 		l.setAppName(ctx, workerAppName(r.c.schema, id))
 	}
@@ -142,7 +149,7 @@ func (r *run) signal() {
 // stops claiming, handlers may finish until the context grace returns is
 // done, then they are canceled; the loop writes every final state before it
 // returns.
-func (r *run) serve(ctx context.Context, grace func() context.Context) {
+func (r *run) serve(ctx context.Context, grace func() context.Context) error {
 	bg, stopBg := context.WithCancel(context.WithoutCancel(ctx))
 	var bgW sync.WaitGroup
 	bgW.Add(3)
@@ -163,25 +170,79 @@ func (r *run) serve(ctx context.Context, grace func() context.Context) {
 	}
 
 	<-ctx.Done()
-	// Shutdown: the loop claims no more. Let handlers finish within the
-	// grace, then cut them off.
-	if !waitGroupCtx(grace(), &r.handlerW) {
-		r.log.Warn("tasking: shutdown grace over; canceling running handlers")
-		r.cancelAll(ErrShutdown)
-		hard, cancel := context.WithTimeout(context.Background(), hardStopWait)
-		if !waitGroupCtx(hard, &r.handlerW) {
-			r.log.Error("tasking: handlers ignore cancellation; leaving their tasks running for cleanup")
-		}
-		cancel()
-	}
+	// Shutdown: the loops claim no more. Handlers may finish within the
+	// grace; then they are canceled, and those that still do not return are
+	// abandoned.
+	abandoned := r.drainHandlers(grace())
 	r.closeResults()
 	loops.Wait()
 	stopBg()
 	bgW.Wait()
+	var errs []error
+	if len(abandoned) > 0 {
+		errs = append(errs, fmt.Errorf("%w: tasks %v did not return after their context was canceled", ErrHandlersAbandoned, abandoned))
+	}
+	if n := r.unwritten.Load(); n > 0 {
+		errs = append(errs, fmt.Errorf("tasking: final states of %d tasks not written at shutdown; the cleanup of dead workers settles them", n))
+	}
+	return errors.Join(errs...)
 }
 
-// hardStopWait bounds how long shutdown waits for handlers that were canceled.
-const hardStopWait = 5 * time.Second
+// drainHandlers waits for the handlers until shortly before grace's
+// deadline, cancels them (cause ErrShutdown), waits until a little closer
+// to it, and abandons the ones still running: their tasks fail with
+// reasonAbandoned. The margins leave time for the final write, so that a
+// Stop returns by its deadline. A grace that is already over (a hard stop)
+// gives canceled handlers a moment to return.
+func (r *run) drainHandlers(grace context.Context) []int64 {
+	deadline, ok := grace.Deadline()
+	if !ok || grace.Err() != nil && deadline.After(time.Now()) {
+		deadline = time.Now()
+	}
+	margin := min(time.Until(deadline)/5, time.Second)
+	if waitGroupUntil(deadline.Add(-margin), &r.handlerW) {
+		return nil
+	}
+	r.log.Warn("tasking: shutdown grace over; canceling running handlers")
+	r.cancelAll(ErrShutdown)
+	until := deadline.Add(-margin / 2)
+	if time.Until(until) < hardSettle {
+		until = time.Now().Add(hardSettle)
+	}
+	if waitGroupUntil(until, &r.handlerW) {
+		return nil
+	}
+	return r.abandon()
+}
+
+// hardSettle is how long canceled handlers get to return when the grace is
+// already over.
+const hardSettle = 100 * time.Millisecond
+
+// reasonAbandoned is the failure of a task whose handler was abandoned.
+var reasonAbandoned = ErrShutdown.Error() + ": handler abandoned at shutdown (it did not return after its context was canceled)"
+
+// abandon fails the tasks of the handlers still running: the step loops
+// write them, and release their locks, before Run returns.
+func (r *run) abandon() []int64 {
+	r.mu.Lock()
+	var outs []outcome
+	var ids []int64
+	for id, a := range r.active {
+		a.abandoned = true
+		delete(r.active, id)
+		r.unsent[id] = struct{}{}
+		outs = append(outs, outcome{task: a.task, state: StateFailed, err: reasonAbandoned, owner: a.names})
+		ids = append(ids, id)
+	}
+	r.mu.Unlock()
+	slices.Sort(ids)
+	r.log.Error("tasking: handlers ignore cancellation; abandoning them and failing their tasks", "tasks", ids)
+	for _, o := range outs {
+		r.send(o)
+	}
+	return ids
+}
 
 // retire closes the lock session and removes the worker's row.
 func (r *run) retire() {
@@ -234,13 +295,16 @@ func (r *run) cancelTask(id int64) {
 	r.canceled[id] = now
 }
 
-func waitGroupCtx(ctx context.Context, wg *sync.WaitGroup) bool {
+// waitGroupUntil waits for wg until t; it reports whether wg was done.
+func waitGroupUntil(t time.Time, wg *sync.WaitGroup) bool {
 	done := make(chan struct{})
 	go func() { wg.Wait(); close(done) }()
+	timer := time.NewTimer(time.Until(t))
+	defer timer.Stop()
 	select {
 	case <-done:
 		return true
-	case <-ctx.Done():
+	case <-timer.C:
 		return false
 	}
 }

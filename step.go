@@ -120,6 +120,7 @@ func (r *run) loop(ctx context.Context, conn *workerConn) {
 			if stopping && time.Since(failingSince) > drainGiveUp {
 				r.log.Error("tasking: giving up on final states at shutdown; cleanup will settle the tasks",
 					"tasks", len(pending), "err", err)
+				r.unwritten.Add(int64(len(pending)))
 				return
 			}
 			retry = time.After(jitter(backoff))

@@ -63,6 +63,10 @@ var (
 	ErrWorkerLost = errors.New("worker lost")
 	// ErrWorkerNameInUse: a live worker already has the name.
 	ErrWorkerNameInUse = errors.New("tasking: a live worker already has this name")
+	// ErrHandlersAbandoned: at shutdown, handlers did not return after
+	// their context was canceled; their tasks were failed and their locks
+	// released (see Worker.Stop).
+	ErrHandlersAbandoned = errors.New("tasking: handlers abandoned at shutdown")
 	// ErrTaskFinal: the task already completed or failed, so it cannot be
 	// canceled.
 	ErrTaskFinal = errors.New("tasking: task already final")

@@ -95,7 +95,10 @@ func WithWorkerName(name string) WorkerOption { return func(c *workerConfig) { c
 func WithPollInterval(d time.Duration) WorkerOption { return func(c *workerConfig) { c.poll = d } }
 
 // WithShutdownGrace sets how long Run lets running handlers finish after its
-// context is done before canceling them (cause [ErrShutdown]). Default: 10s.
+// context is done, or after a Stop whose context has no deadline: handlers
+// still running shortly before its end are canceled (cause [ErrShutdown]),
+// and those that do not return by its end are abandoned (see
+// [Worker.Stop]). Default: 10s.
 func WithShutdownGrace(d time.Duration) WorkerOption { return func(c *workerConfig) { c.grace = d } }
 
 // WithHeartbeatTTL sets after how long without a heartbeat a worker counts
@@ -113,6 +116,7 @@ type Worker struct {
 	id       int64
 	stop     func(context.Context) // set while running: asks Run to shut down
 	done     chan struct{}         // closed when the current Run returns
+	runErr   error                 // what the last Run returned
 }
 
 // NewWorker returns a worker for c's queue.
@@ -179,10 +183,10 @@ func (w *Worker) ID() int64 {
 // writes every final state and releases every lock. It returns nil after a
 // clean shutdown.
 //
-// Handlers must return once their context is canceled: a handler that does
-// not is abandoned after a few more seconds, and its task is left running
-// until the cleanup of dead workers fails it.
-func (w *Worker) Run(ctx context.Context) error {
+// Handlers must return once their context is canceled: one that has not
+// returned by the end of the grace is abandoned (see [Worker.Stop]), and Run
+// returns an error matching [ErrHandlersAbandoned].
+func (w *Worker) Run(ctx context.Context) (err error) {
 	if err := w.validate(); err != nil {
 		return err
 	}
@@ -208,6 +212,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	defer func() {
 		w.mu.Lock()
 		w.running, w.id, w.stop = false, 0, nil
+		w.runErr = err
 		close(w.done)
 		w.mu.Unlock()
 	}()
@@ -235,8 +240,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	w.mu.Unlock()
 	defer r.retire()
 
-	var err error
-	r.lock, err = c.locker.Open(ctx, LockSessionConfig{
+	lock, err := c.locker.Open(ctx, LockSessionConfig{
 		Worker: r.id, Pool: c.pool, Schema: c.schema, Logger: r.log, OnLost: r.lost, conn: r.conn,
 	})
 	if err != nil {
@@ -245,25 +249,35 @@ func (w *Worker) Run(ctx context.Context) error {
 		}
 		return fmt.Errorf("tasking: open %s locker: %w", c.locker.Kind(), err)
 	}
+	r.lock = lock
 	r.log.Info("tasking: worker started", "slots", w.cfg.slots, "locker", c.locker.Kind())
-	r.serve(runCtx, func() context.Context {
+	return r.serve(runCtx, func() context.Context {
 		stopMu.Lock()
 		defer stopMu.Unlock()
+		parent := context.Background()
 		if stopCtx != nil {
-			return stopCtx
+			if _, ok := stopCtx.Deadline(); ok || stopCtx.Err() != nil {
+				return stopCtx
+			}
+			parent = stopCtx // no deadline: the configured grace applies
 		}
-		grace, cancel := context.WithTimeout(context.Background(), w.cfg.grace)
+		grace, cancel := context.WithTimeout(parent, w.cfg.grace)
 		context.AfterFunc(grace, cancel)
 		return grace
 	})
-	return nil
 }
 
 // Stop shuts down the running Run like canceling its context does, but with
-// ctx as the grace: running handlers may finish until ctx is done, then
-// they are canceled (cause [ErrShutdown]). Stop with a done ctx is a hard
-// stop. It returns when Run has returned; it does nothing when the worker
-// is not running.
+// ctx's deadline as the grace: running handlers may finish until shortly
+// before it, then they are canceled (cause [ErrShutdown]), and those that
+// still have not returned by the deadline are abandoned: their tasks fail
+// with a reason that says so, their locks are released, and Stop (like Run)
+// returns an error matching [ErrHandlersAbandoned] that names them. An
+// abandoned handler's goroutine may still be running when Stop returns.
+// A ctx without a deadline gets the configured [WithShutdownGrace]; a ctx
+// that is already done is a hard stop (handlers are canceled at once). Stop
+// returns what Run returned, by the deadline plus the final write of the
+// task states; it does nothing when the worker is not running.
 func (w *Worker) Stop(ctx context.Context) error {
 	w.mu.Lock()
 	stop, done := w.stop, w.done
@@ -273,7 +287,9 @@ func (w *Worker) Stop(ctx context.Context) error {
 	}
 	stop(ctx)
 	<-done
-	return nil
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.runErr
 }
 
 func (w *Worker) validate() error {

@@ -3,6 +3,7 @@ package tasking_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"runtime"
 	"testing"
 	"time"
@@ -130,7 +131,7 @@ func TestShutdownGrace(t *testing.T) {
 // ErrLockLost and their tasks fail with "lock lost".
 func TestPostgresLockLost(t *testing.T) {
 	t.Parallel()
-	c := newClient(t, tasking.WithLocker(tasking.NewPostgresLocker(tasking.WithLockCheckInterval(20*time.Millisecond))))
+	c := newClient(t, tasking.WithLocker(tasking.NewPostgresLocker(tasking.WithPostgresLockCheckInterval(20*time.Millisecond))))
 	ctx := ctxT(t, 30*time.Second)
 	pool := testdb.Pool(t, 2)
 	w := tasking.NewWorker(c)
@@ -201,6 +202,70 @@ func TestLockerMismatch(t *testing.T) {
 	task, err := mem.Dispatch(ctx, "t", nil, tasking.Exclusive("x"))
 	require.NoError(t, err)
 	got, err := mem.Wait(ctx, task.ID)
+	require.NoError(t, err)
+	require.Equal(t, tasking.StateCompleted, got.State)
+}
+
+// TestStopAbandons: Stop returns by its deadline even when a handler ignores
+// its canceled context; the error names the abandoned task, whose stored
+// reason says it was abandoned at shutdown, and its resource is free for
+// the next worker at once. A Stop without a deadline applies the
+// configured shutdown grace.
+func TestStopAbandons(t *testing.T) {
+	t.Parallel()
+	c := newClient(t)
+	ctx := ctxT(t, 30*time.Second)
+	release := make(chan struct{})
+	defer close(release)
+	for _, tc := range []struct {
+		name  string
+		grace time.Duration
+		stop  func() (context.Context, context.CancelFunc)
+		bound time.Duration
+	}{
+		{"deadline", time.Hour, func() (context.Context, context.CancelFunc) {
+			return context.WithTimeout(ctx, 500*time.Millisecond)
+		}, 500 * time.Millisecond},
+		{"no deadline", 500 * time.Millisecond, func() (context.Context, context.CancelFunc) {
+			return context.Background(), func() {}
+		}, 500 * time.Millisecond},
+	} {
+		w := tasking.NewWorker(c, tasking.WithShutdownGrace(tc.grace))
+		started := make(chan struct{}, 1)
+		w.Handle("stubborn", func(context.Context, *tasking.Task) error {
+			started <- struct{}{}
+			<-release // ignores its context
+			return nil
+		})
+		done := make(chan error, 1)
+		go func() { done <- w.Run(context.Background()) }()
+		task, err := c.Dispatch(ctx, "stubborn", nil, tasking.Exclusive("x"))
+		require.NoError(t, err)
+		recv(t, started, 30*time.Second)
+
+		stopCtx, cancel := tc.stop()
+		t0 := time.Now()
+		err = w.Stop(stopCtx)
+		took := time.Since(t0)
+		cancel()
+		require.ErrorIs(t, err, tasking.ErrHandlersAbandoned, tc.name)
+		require.Contains(t, err.Error(), fmt.Sprint(task.ID), tc.name)
+		require.Less(t, took, tc.bound+250*time.Millisecond, "%s: Stop overran its deadline", tc.name)
+		require.ErrorIs(t, recv(t, done, 5*time.Second), tasking.ErrHandlersAbandoned)
+
+		got, err := c.Get(ctx, task.ID)
+		require.NoError(t, err)
+		require.Equal(t, tasking.StateFailed, got.State, tc.name)
+		require.Contains(t, got.Error, "abandoned at shutdown", tc.name)
+	}
+
+	// The resource is free: another worker runs the next task on it.
+	w := tasking.NewWorker(c)
+	w.Handle("ok", func(context.Context, *tasking.Task) error { return nil })
+	runWorker(t, w)
+	next, err := c.Dispatch(ctx, "ok", nil, tasking.Exclusive("x"))
+	require.NoError(t, err)
+	got, err := c.Wait(ctx, next.ID)
 	require.NoError(t, err)
 	require.Equal(t, tasking.StateCompleted, got.State)
 }

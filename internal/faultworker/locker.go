@@ -12,7 +12,7 @@ import (
 func newLocker(cfg config) (tasking.ResourceLocker, error) {
 	switch cfg.locker {
 	case "postgres":
-		return tasking.NewPostgresLocker(tasking.WithLockCheckInterval(cfg.lockCheck)), nil
+		return tasking.NewPostgresLocker(tasking.WithPostgresLockCheckInterval(cfg.lockCheck)), nil
 	case "memory":
 		// Locks live in this process only: fine for one faultworker, never
 		// for a fleet of them.
