@@ -255,6 +255,8 @@ func TestStopHard(t *testing.T) {
 	got, err := c.Get(ctx, task.ID)
 	require.NoError(t, err)
 	require.Equal(t, tasking.StateFailed, got.State)
-	require.Contains(t, got.Error, tasking.ErrShutdown.Error())
+	// The handler returned context.Cause(ctx): the reason says so once.
+	require.Equal(t, tasking.ErrShutdown.Error(), got.Error)
+	require.ErrorIs(t, got.Err(), tasking.ErrShutdown)
 	require.NoError(t, w.Stop(ctx), "stopping a stopped worker does nothing")
 }

@@ -83,7 +83,9 @@ func (r *run) settleHandler(hctx context.Context, t *Task, a *activeTask, err er
 		o.state, o.err = StateFailed, cause.Error()
 	case err != nil:
 		o.state, o.err = StateFailed, err.Error()
-		if errors.Is(cause, ErrShutdown) {
+		if errors.Is(cause, ErrShutdown) && !errors.Is(err, ErrShutdown) {
+			// Say why the handler failed, once: a handler that returned
+			// context.Cause(ctx) already says it.
 			o.err = ErrShutdown.Error() + ": " + o.err
 		}
 	}

@@ -1,11 +1,13 @@
 package tasking
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 
@@ -63,6 +65,9 @@ var (
 	ErrWorkerLost = errors.New("worker lost")
 	// ErrWorkerNameInUse: a live worker already has the name.
 	ErrWorkerNameInUse = errors.New("tasking: a live worker already has this name")
+	// ErrPanic matches (through [Task.Err]) a task whose handler panicked;
+	// its stored reason holds the panic value and stack.
+	ErrPanic = errors.New("panic")
 	// ErrHandlersAbandoned: at shutdown, handlers did not return after
 	// their context was canceled; their tasks were failed and their locks
 	// released (see Worker.Stop).
@@ -100,6 +105,52 @@ const (
 	StateFailed    State = "failed"
 	StateCanceled  State = "canceled"
 )
+
+// Err returns why a failed or canceled task ended, as an error that
+// errors.Is matches against the reasons the library gives: [ErrTimeout],
+// [ErrCanceled], [ErrWorkerLost], [ErrLockLost], [ErrShutdown] (and
+// [ErrHandlersAbandoned] for a handler abandoned at shutdown), [ErrPanic];
+// any other failure is the handler's own error, as text. It returns nil for
+// a task that is not failed or canceled.
+func (t *Task) Err() error {
+	switch t.State {
+	case StateCanceled:
+		return &TaskError{ID: t.ID, Reason: cmp.Or(t.Error, ErrCanceled.Error()), kind: ErrCanceled}
+	case StateFailed:
+	default:
+		return nil
+	}
+	e := &TaskError{ID: t.ID, Reason: t.Error}
+	for _, k := range []error{ErrTimeout, ErrCanceled, ErrWorkerLost, ErrLockLost, ErrShutdown} {
+		if t.Error == k.Error() || strings.HasPrefix(t.Error, k.Error()+":") {
+			e.kind = k
+		}
+	}
+	switch {
+	case strings.HasPrefix(t.Error, "panic: "):
+		e.kind = ErrPanic
+	case strings.Contains(t.Error, "handler abandoned at shutdown"):
+		e.abandoned = true
+	}
+	return e
+}
+
+// TaskError is the reason a task failed or was canceled ([Task.Err]).
+type TaskError struct {
+	ID        int64
+	Reason    string // the stored reason, as in Task.Error
+	kind      error  // the library's reason, nil for the handler's own error
+	abandoned bool
+}
+
+func (e *TaskError) Error() string {
+	return fmt.Sprintf("tasking: task %d: %s", e.ID, e.Reason)
+}
+
+// Is matches the library's reason for the failure.
+func (e *TaskError) Is(target error) bool {
+	return target != nil && (target == e.kind || e.abandoned && (target == ErrHandlersAbandoned || target == ErrShutdown))
+}
 
 // Final reports whether s is a final state.
 func (s State) Final() bool {

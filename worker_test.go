@@ -49,11 +49,16 @@ func TestHandlerOutcomes(t *testing.T) {
 	failed := wait("fail", nil)
 	require.Equal(t, tasking.StateFailed, failed.State)
 	require.Equal(t, "disk on fire", failed.Error)
+	require.Error(t, failed.Err())
+	for _, reason := range []error{tasking.ErrTimeout, tasking.ErrCanceled, tasking.ErrShutdown, tasking.ErrPanic, tasking.ErrLockLost} {
+		require.NotErrorIs(t, failed.Err(), reason, "a handler's own error is none of the library's reasons")
+	}
 
 	panicked := wait("panic", nil)
 	require.Equal(t, tasking.StateFailed, panicked.State)
 	require.Contains(t, panicked.Error, "panic: boom")
 	require.Contains(t, panicked.Error, "worker_test.go", "the stack is stored")
+	require.ErrorIs(t, panicked.Err(), tasking.ErrPanic)
 
 	// runtime.Goexit (t.FailNow in a helper) fails the task and frees its
 	// resource: the next task on it runs.
@@ -70,6 +75,7 @@ func TestHandlerOutcomes(t *testing.T) {
 
 	// The worker survived all of that.
 	require.Equal(t, tasking.StateCompleted, wait("ok", nil).State)
+	require.NoError(t, wait("ok", nil).Err(), "a completed task has no error")
 }
 
 // TestShutdownGrace: a handler that outlives the grace is canceled with
@@ -111,6 +117,7 @@ func TestShutdownGrace(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, tasking.StateFailed, got.State)
 	require.Contains(t, got.Error, tasking.ErrShutdown.Error())
+	require.ErrorIs(t, got.Err(), tasking.ErrShutdown)
 	got, err = c.Get(ctx, polite.ID)
 	require.NoError(t, err)
 	require.Equal(t, tasking.StateCompleted, got.State)
@@ -257,6 +264,8 @@ func TestStopAbandons(t *testing.T) {
 		require.NoError(t, err)
 		require.Equal(t, tasking.StateFailed, got.State, tc.name)
 		require.Contains(t, got.Error, "abandoned at shutdown", tc.name)
+		require.ErrorIs(t, got.Err(), tasking.ErrShutdown)
+		require.ErrorIs(t, got.Err(), tasking.ErrHandlersAbandoned)
 	}
 
 	// The resource is free: another worker runs the next task on it.
