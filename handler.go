@@ -19,6 +19,7 @@ type outcome struct {
 // start runs t's handler in its own goroutine. Its outcome goes to the step
 // loop, which writes it in its next step.
 func (r *run) start(t *Task) {
+	t.live = &liveTask{}
 	h := r.handlers[t.Name]
 	hctx, cancel := context.WithCancelCause(r.base)
 	hctx = context.WithValue(hctx, taskKey{}, t)

@@ -179,27 +179,53 @@ type Task struct {
 	// so a side effect guarded by the token can refuse a stale holder.
 	Fence int64
 
-	mu     sync.Mutex
-	result json.RawMessage // set by SetResult while running
+	// live is set on the task a handler runs: the result it sets. A Task
+	// read with Get or List has none (and copies of a Task share it).
+	live *liveTask
 }
 
+type liveTask struct {
+	mu     sync.Mutex
+	result json.RawMessage
+}
+
+// ErrNotRunning: SetResult was called on a task that no handler of this
+// process runs (one read with Get or List, say).
+var ErrNotRunning = errors.New("tasking: task is not running in a handler here")
+
 // SetResult records v, marshalled to JSON, as the task's result. Call it
-// from the handler; the result is stored with the final state.
+// from the handler on the task it was given; the result is stored with the
+// final state. The same limits apply as to args ([MaxArgsSize], what
+// PostgreSQL's jsonb can hold), checked here, so that a bad result is the
+// handler's error rather than a final state that cannot be written.
 func (t *Task) SetResult(v any) error {
-	b, err := json.Marshal(v)
-	if err != nil {
-		return fmt.Errorf("tasking: result does not marshal to JSON: %w", err)
+	if t.live == nil {
+		return ErrNotRunning
 	}
-	t.mu.Lock()
-	t.result = b
-	t.mu.Unlock()
+	b, err := []byte("null"), error(nil)
+	if v != nil {
+		b, err = marshalArgs(v)
+	}
+	if err != nil {
+		var in *InputError
+		if errors.As(err, &in) {
+			in.Field = "result"
+		}
+		return err
+	}
+	t.live.mu.Lock()
+	t.live.result = b
+	t.live.mu.Unlock()
 	return nil
 }
 
 func (t *Task) takeResult() json.RawMessage {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.result
+	if t.live == nil {
+		return nil
+	}
+	t.live.mu.Lock()
+	defer t.live.mu.Unlock()
+	return t.live.result
 }
 
 // Client dispatches tasks and reads them. It is safe for concurrent use.

@@ -25,6 +25,9 @@ func TestHandlerOutcomes(t *testing.T) {
 	w.Handle("fail", func(context.Context, *tasking.Task) error { return errors.New("disk on fire") })
 	w.Handle("panic", func(context.Context, *tasking.Task) error { panic("boom") })
 	w.Handle("goexit", func(context.Context, *tasking.Task) error { runtime.Goexit(); return nil })
+	w.Handle("badresult", func(_ context.Context, task *tasking.Task) error {
+		return task.SetResult("a\u0000b") // jsonb cannot hold it: the handler's error, not a wedged finish
+	})
 	w.Handle("badargs", func(context.Context, *tasking.Task) error { return nil })
 	type args struct{ N int }
 	tasking.HandleFunc(w, "typed", func(ctx context.Context, a args) error {
@@ -76,6 +79,12 @@ func TestHandlerOutcomes(t *testing.T) {
 	// The worker survived all of that.
 	require.Equal(t, tasking.StateCompleted, wait("ok", nil).State)
 	require.NoError(t, wait("ok", nil).Err(), "a completed task has no error")
+
+	bad := wait("badresult", nil)
+	require.Equal(t, tasking.StateFailed, bad.State)
+	require.Contains(t, bad.Error, "invalid result")
+	require.ErrorIs(t, bad.SetResult(1), tasking.ErrNotRunning, "a task read back is no live handle")
+	require.Equal(t, tasking.StateCompleted, wait("ok", nil).State)
 }
 
 // TestShutdownGrace: a handler that outlives the grace is canceled with
