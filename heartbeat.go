@@ -116,6 +116,9 @@ func (r *run) cleanup(ctx context.Context) {
 		return
 	}
 	r.cleanLog.ok()
+	if got.Won {
+		r.warnUnhandled(ctx)
+	}
 	if len(got.Workers) == 0 && got.Failed+got.Canceled == 0 {
 		return
 	}
@@ -126,6 +129,35 @@ func (r *run) cleanup(ctx context.Context) {
 		r.wakeOthers()
 	}
 	r.c.waits.poke()
+}
+
+// unhandledAfter is how long the oldest ready task of a name may wait with
+// no live worker handling that name before it is reported; unhandledEvery
+// is how often it is reported again while that lasts.
+var (
+	unhandledAfter = time.Minute // a variable for tests
+	unhandledEvery = 10 * time.Minute
+)
+
+// warnUnhandled reports task names that have ready tasks and no live worker
+// that handles them: a typo in a dispatch, or a worker kind that is not
+// deployed. Such a task never starts, and every later task on its
+// resources waits behind it. Only the worker that won the cleanup looks,
+// and each name is reported at most once per unhandledEvery.
+func (r *run) warnUnhandled(ctx context.Context) {
+	names, err := r.fleet.Unhandled(ctx, r.w.cfg.ttl, unhandledAfter)
+	if err != nil {
+		return // the next cleanup tries again
+	}
+	now := time.Now()
+	for _, u := range names {
+		if at, ok := r.unhandledSaid[u.Name]; ok && now.Sub(at) < unhandledEvery {
+			continue
+		}
+		r.unhandledSaid[u.Name] = now
+		r.log.Warn("tasking: ready tasks whose name no live worker handles; they, and every later task on their resources, wait",
+			"name", u.Name, "oldest", u.Oldest.Format(time.RFC3339), "tasks", u.Tasks)
+	}
 }
 
 // freeGrants frees the locker grants of dead worker instances at once, for

@@ -48,17 +48,18 @@ type run struct {
 	orphans                    map[int64]int32     // running here per the database, but unknown (epoch+1)
 	unsent                     map[int64]struct{}  // handler returned, final state not yet written
 
-	results   chan outcome // from handlers to the step loop
-	sendMu    sync.RWMutex // guards closed and sends on results
-	closed    bool
-	wake      chan struct{}
-	wakes     atomic.Uint64 // wake-ups asked for so far (see loop)
-	unwritten atomic.Int64  // outcomes given up on at shutdown
-	wakeup    coalescer     // wake-ups this worker sends to the others
-	live      atomic.Int64  // live workers in the fleet, from the last heartbeat
-	beatLog   failureLog    // heartbeats and cleanups that keep failing are logged once, then summarised
-	cleanLog  failureLog
-	handlerW  sync.WaitGroup
+	results       chan outcome // from handlers to the step loop
+	sendMu        sync.RWMutex // guards closed and sends on results
+	closed        bool
+	wake          chan struct{}
+	wakes         atomic.Uint64 // wake-ups asked for so far (see loop)
+	unwritten     atomic.Int64  // outcomes given up on at shutdown
+	wakeup        coalescer     // wake-ups this worker sends to the others
+	live          atomic.Int64  // live workers in the fleet, from the last heartbeat
+	beatLog       failureLog    // heartbeats and cleanups that keep failing are logged once, then summarised
+	cleanLog      failureLog
+	unhandledSaid map[string]time.Time // names reported by warnUnhandled, and when
+	handlerW      sync.WaitGroup
 }
 
 type activeTask struct {
@@ -79,16 +80,17 @@ func newRun(w *Worker, handlers map[string]handler) *run {
 	c := w.c
 	r := &run{
 		w: w, c: c, handlers: handlers, names: names,
-		self:      fleet.Worker{Name: w.cfg.name, Host: host, PID: os.Getpid(), Locker: c.locker.Kind()},
-		conn:      newWorkerConn(c.pool, "tasking worker"),
-		base:      base,
-		cancelAll: cancelAll,
-		active:    make(map[int64]*activeTask),
-		canceled:  make(map[int64]time.Time),
-		unsent:    make(map[int64]struct{}),
-		results:   make(chan outcome, 4*w.cfg.slots),
-		wake:      make(chan struct{}, 1),
-		log:       c.log.With("worker", w.cfg.name),
+		self:          fleet.Worker{Name: w.cfg.name, Host: host, PID: os.Getpid(), Locker: c.locker.Kind(), Handles: names},
+		conn:          newWorkerConn(c.pool, "tasking worker"),
+		base:          base,
+		cancelAll:     cancelAll,
+		active:        make(map[int64]*activeTask),
+		canceled:      make(map[int64]time.Time),
+		unhandledSaid: make(map[string]time.Time),
+		unsent:        make(map[int64]struct{}),
+		results:       make(chan outcome, 4*w.cfg.slots),
+		wake:          make(chan struct{}, 1),
+		log:           c.log.With("worker", w.cfg.name),
 	}
 	r.lanes = []*workerConn{r.conn}
 	for i := 1; i < w.cfg.conns; i++ {

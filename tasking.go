@@ -398,6 +398,12 @@ func (c *Client) Dispatch(ctx context.Context, name string, args any, opts ...Di
 	return ts[0], nil
 }
 
+// DispatchArgs dispatches a task named by its args' type (see [TaskArgs]
+// and [HandleArgs]).
+func DispatchArgs[T TaskArgs](ctx context.Context, c *Client, args T, opts ...DispatchOption) (*Task, error) {
+	return c.Dispatch(ctx, args.TaskName(), args, opts...)
+}
+
 // DispatchTx stores a waiting task inside the caller's transaction: the task
 // exists if and only if the caller commits. Until then, later conflicting
 // dispatches wait for the transaction (that is what keeps their order), so

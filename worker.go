@@ -30,6 +30,22 @@ func HandleFunc[T any](w *Worker, name string, fn func(ctx context.Context, args
 	}, opts...)
 }
 
+// TaskArgs is implemented by args types that name their task, so that the
+// name a task is dispatched under and the args type its handler decodes
+// cannot drift apart (a typo in a name would leave the task waiting for
+// ever, and every later task on its resources behind it). TaskName must not
+// depend on the value: it is called on the zero value too.
+type TaskArgs interface {
+	TaskName() string
+}
+
+// HandleArgs registers fn as the handler of T's task name, with args decoded
+// into T. Dispatch such tasks with [DispatchArgs].
+func HandleArgs[T TaskArgs](w *Worker, fn func(ctx context.Context, args T) error, opts ...HandlerOption) {
+	var zero T
+	HandleFunc(w, zero.TaskName(), fn, opts...)
+}
+
 // HandlerOption configures one handler.
 type HandlerOption func(*handler)
 

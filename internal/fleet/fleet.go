@@ -51,10 +51,11 @@ func New(pool DB, schema string, regKey, gcKey int64) *Store {
 
 // Worker describes a worker instance.
 type Worker struct {
-	Name   string
-	Host   string
-	PID    int
-	Locker string
+	Name    string
+	Host    string
+	PID     int
+	Locker  string
+	Handles []string // task names it has handlers for
 }
 
 // ErrKindMismatch: live workers use another kind of locker.
@@ -114,8 +115,8 @@ func (s *Store) Register(ctx context.Context, w Worker, ttl time.Duration) (id i
 				return err
 			}
 		}
-		return tx.QueryRow(ctx, `INSERT INTO `+s.q+`.workers (name, host, pid, locker)
-			VALUES ($1, $2, $3, $4) RETURNING id`, w.Name, w.Host, w.PID, w.Locker).Scan(&id)
+		return tx.QueryRow(ctx, `INSERT INTO `+s.q+`.workers (name, host, pid, locker, handles)
+			VALUES ($1, $2, $3, $4, $5) RETURNING id`, w.Name, w.Host, w.PID, w.Locker, w.Handles).Scan(&id)
 	})
 	return id, taken, err
 }
@@ -177,10 +178,46 @@ func (s *Store) Beat(ctx context.Context, id int64, ttl time.Duration) (Beat, er
 // alive (paused). Its id stays the same; every claim has its own epoch, so
 // nothing it wrote before can be confused with what it writes after.
 func (s *Store) Reinstate(ctx context.Context, id int64, w Worker) error {
-	_, err := s.pool.Exec(ctx, `INSERT INTO `+s.q+`.workers (id, name, host, pid, locker)
-		OVERRIDING SYSTEM VALUE VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING`,
-		id, w.Name, w.Host, w.PID, w.Locker)
+	_, err := s.pool.Exec(ctx, `INSERT INTO `+s.q+`.workers (id, name, host, pid, locker, handles)
+		OVERRIDING SYSTEM VALUE VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING`,
+		id, w.Name, w.Host, w.PID, w.Locker, w.Handles)
 	return err
+}
+
+// Unhandled is a task name that has ready tasks and no live worker that
+// handles it.
+type Unhandled struct {
+	Name   string
+	Oldest time.Time // dispatch time of its oldest ready task
+	Tasks  int       // of the oldest ready tasks looked at
+}
+
+// Unhandled returns the names among the oldest 1,000 ready tasks that no
+// worker with a heartbeat within ttl handles, and that have waited longer
+// than age. A task nobody handles stays ready, and so it is among the
+// oldest; reading only those keeps this cheap however long the backlog.
+func (s *Store) Unhandled(ctx context.Context, ttl, age time.Duration) ([]Unhandled, error) {
+	rows, err := s.pool.Query(ctx, `SELECT t.name, min(t.created_at), count(*)
+		  FROM (SELECT name, created_at FROM `+s.q+`.tasks
+		         WHERE state = 'waiting' AND blockers = 0 ORDER BY id LIMIT 1000) t
+		 WHERE NOT EXISTS (SELECT 1 FROM `+s.q+`.workers w
+		                    WHERE t.name = ANY (w.handles) AND w.heartbeat_at > now() - $1::interval)
+		 GROUP BY t.name
+		HAVING min(t.created_at) < now() - $2::interval
+		 ORDER BY 2`, ttl.String(), age.String())
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []Unhandled
+	for rows.Next() {
+		var u Unhandled
+		if err := rows.Scan(&u.Name, &u.Oldest, &u.Tasks); err != nil {
+			return nil, err
+		}
+		out = append(out, u)
+	}
+	return out, rows.Err()
 }
 
 // Retire removes a stopping worker's row.
@@ -191,6 +228,7 @@ func (s *Store) Retire(ctx context.Context, id int64) error {
 
 // Reaped is what a cleanup did.
 type Reaped struct {
+	Won      bool    // this call did the cleanup (it won the election)
 	Workers  []int64 // removed worker ids
 	Failed   int     // running tasks failed "worker lost"
 	Canceled int     // canceling tasks ended canceled
@@ -207,6 +245,7 @@ func (s *Store) Cleanup(ctx context.Context, ttl time.Duration) (Reaped, error) 
 		if err := tx.QueryRow(ctx, "SELECT pg_try_advisory_xact_lock($1)", s.gcKey).Scan(&won); err != nil || !won {
 			return err
 		}
+		r.Won = true
 		rows, err := tx.Query(ctx, `DELETE FROM `+s.q+`.workers WHERE heartbeat_at < now() - $1::interval RETURNING id`, ttl.String())
 		if err != nil {
 			return err

@@ -14,6 +14,11 @@
 
 ALTER TABLE {{schema}}.tasks ADD COLUMN blockers integer NOT NULL DEFAULT 0;
 
+-- The task names each worker handles: a name that no live worker handles is
+-- reported (a typo in a dispatch would otherwise block its resources
+-- silently).
+ALTER TABLE {{schema}}.workers ADD COLUMN handles text[] NOT NULL DEFAULT '{}';
+
 CREATE TABLE {{schema}}.lines (
     resource text COLLATE "C" NOT NULL,
     task     bigint  NOT NULL,
