@@ -179,6 +179,14 @@ func stmtKind(sql string) string {
 	case strings.Contains(sql, "schema_version"), strings.Contains(sql, "information_schema"),
 		strings.Contains(sql, "pg_namespace"):
 		return "schema check"
+	case strings.Contains(sql, "state IN ('completed', 'failed', 'canceled')"):
+		return "wait (final states)"
+	case strings.Contains(sql, ".tasks WHERE id = $1"):
+		return "get"
+	case strings.Contains(sql, "WHERE id > $1 AND ($2 = ''"):
+		return "list"
+	case strings.HasPrefix(strings.TrimSpace(sql), "CREATE"), strings.Contains(sql, "pg_advisory_xact_lock($1)") && strings.Contains(sql, "migrat"):
+		return "migrate"
 	}
 	w := strings.Fields(sql)
 	if len(w) > 0 {
