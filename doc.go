@@ -62,7 +62,7 @@
 // # Pick a locker
 //
 // The default [NewPostgresLocker] needs nothing but the database: each worker
-// holds its locks on one dedicated connection. [NewRedisLocker] keeps locks
+// holds its locks on its own connection. [NewRedisLocker] keeps locks
 // in Redis with leases and fencing tokens, and wakes workers over Redis
 // pub/sub, so PostgreSQL only sees task reads and writes. Swapping is one
 // option:
@@ -93,7 +93,7 @@
 // declared gone by whichever live worker runs the cleanup first: its
 // running tasks fail with "worker lost" and its locks are freed. A worker
 // that was only paused and comes back finds its handlers canceled (cause
-// [ErrWorkerLost]). A worker that loses its locks (the lock connection died,
+// [ErrWorkerLost]). A worker that loses its locks (its connection died,
 // a Redis lease ran out) cancels the affected handlers (cause [ErrLockLost])
 // and fails their tasks with "lock lost". In both cases another task may
 // already hold the resources when the old handler notices: the fencing token

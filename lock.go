@@ -9,9 +9,11 @@ import (
 
 // A ResourceLocker holds the run-time resource locks of a fleet of workers.
 //
-// The worker's admission walk already guarantees that the tasks it asks for
-// in one call never conflict with each other; the locker arbitrates between
-// workers. Every Worker opens its own LockSession; grants belong to an
+// The waiting lines (docs/design.md) already guarantee that the tasks a
+// worker asks for in one call never conflict with each other, nor with any
+// task running on a live worker; the locker is what keeps a worker that was
+// declared lost while it still runs from overlapping its successor, and it
+// hands out fencing tokens. Every Worker opens its own LockSession; grants belong to an
 // [Owner] (worker instance and task), never to a worker name alone.
 //
 // Implementations: [NewPostgresLocker] (the default), [NewRedisLocker] and
