@@ -5,9 +5,7 @@ import (
 	"fmt"
 	"maps"
 	"math/rand/v2"
-	"os"
 	"slices"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -21,18 +19,8 @@ import (
 	"github.com/tasking-go/tasking/internal/testdb"
 )
 
-// testSeed returns TASKING_SEED or a fresh seed, logged so a failure can be
-// replayed with TASKING_SEED=<seed>.
-func testSeed(t testing.TB) uint64 {
-	seed := uint64(time.Now().UnixNano())
-	if s := os.Getenv("TASKING_SEED"); s != "" {
-		v, err := strconv.ParseUint(s, 10, 64)
-		require.NoError(t, err, "TASKING_SEED")
-		seed = v
-	}
-	t.Logf("seed %d (replay with TASKING_SEED=%d)", seed, seed)
-	return seed
-}
+// testSeed returns TASKING_SEED or a fresh seed (see testdb.Seed).
+func testSeed(t testing.TB) uint64 { return testdb.Seed(t) }
 
 // lockerCases are the lockers every fleet-level test runs against. Each
 // call of the factory returns the locker for one worker's client.

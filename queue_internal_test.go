@@ -4,9 +4,7 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
-	"os"
 	"slices"
-	"strconv"
 	"testing"
 	"time"
 
@@ -78,7 +76,7 @@ func TestReadyMatchesModel(t *testing.T) {
 	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO `+pgIdent(c.schema)+`.workers (name, host, pid, locker)
 		VALUES ('model', 'h', 1, 'memory') RETURNING id`).Scan(&worker))
 
-	seed := modelSeed(t)
+	seed := testdb.Seed(t)
 	rng := rand.New(rand.NewPCG(seed, 7))
 	name := func() string { return fmt.Sprintf("r %d", rng.IntN(5)) } // a space on purpose
 	var model []modelTask
@@ -164,18 +162,6 @@ func TestReadyMatchesModel(t *testing.T) {
 			check(step, "cancel")
 		}
 	}
-}
-
-// modelSeed returns TASKING_SEED or a fresh seed, logged for a replay.
-func modelSeed(t *testing.T) uint64 {
-	seed := uint64(time.Now().UnixNano())
-	if s := os.Getenv("TASKING_SEED"); s != "" {
-		v, err := strconv.ParseUint(s, 10, 64)
-		require.NoError(t, err, "TASKING_SEED")
-		seed = v
-	}
-	t.Logf("seed %d (replay with TASKING_SEED=%d)", seed, seed)
-	return seed
 }
 
 func pgIdent(s string) string { return pgx.Identifier{s}.Sanitize() }

@@ -12,6 +12,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"os"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -96,4 +97,20 @@ func sanitize(s string) string {
 		}
 	}
 	return b.String()
+}
+
+// Seed returns TASKING_SEED or a fresh seed, and logs it so that a failure
+// can be replayed with TASKING_SEED=<seed>.
+func Seed(tb testing.TB) uint64 {
+	tb.Helper()
+	seed := uint64(time.Now().UnixNano())
+	if s := os.Getenv("TASKING_SEED"); s != "" {
+		v, err := strconv.ParseUint(s, 10, 64)
+		if err != nil {
+			tb.Fatalf("TASKING_SEED: %v", err)
+		}
+		seed = v
+	}
+	tb.Logf("seed %d (replay with TASKING_SEED=%d)", seed, seed)
+	return seed
 }
