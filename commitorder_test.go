@@ -63,7 +63,7 @@ func TestCommitOrderBlocksConflictingDispatch(t *testing.T) {
 	default:
 	}
 	require.NoError(t, tx1.Commit(ctx))
-	r := <-got
+	r := recv(t, got, 30*time.Second)
 	require.NoError(t, r.err)
 	require.Greater(t, r.task.ID, a.ID, "the later commit must have the larger id")
 	require.NoError(t, tx2.Commit(ctx))
@@ -129,7 +129,7 @@ func TestCommitOrderObserved(t *testing.T) {
 	}
 	wg.Wait()
 	close(stop)
-	<-observed
+	recv(t, observed, 30*time.Second)
 
 	all := readAll(t, pool, c.Schema())
 	require.Len(t, all, dispatchers*perDispatcher)
@@ -185,7 +185,7 @@ func TestBlockedHead(t *testing.T) {
 
 			long, err := c.Dispatch(ctx, "long", nil, tasking.Exclusive("hot"))
 			require.NoError(t, err)
-			<-started
+			recv(t, started, 30*time.Second)
 			var specs []tasking.TaskSpec
 			for i := 0; i < 500; i++ {
 				specs = append(specs, tasking.Spec("quick", nil, tasking.Exclusive("hot")))
@@ -247,7 +247,7 @@ func TestDispatchManyResources(t *testing.T) {
 	case <-time.After(100 * time.Millisecond): // it must be waiting
 	}
 	require.NoError(t, tx.Commit(ctx))
-	ts := <-got
+	ts := recv(t, got, 30*time.Second)
 	require.Len(t, ts, len(specs))
 	require.Greater(t, ts[0].ID, first.ID)
 

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -520,4 +521,26 @@ func TestRedisCleanupFreesDeadWorkersGrants(t *testing.T) {
 	got, err = c.Wait(ctx, next.ID)
 	require.NoError(t, err)
 	require.Equal(t, tasking.StateCompleted, got.State, "the task behind the dead one runs")
+}
+
+// TestRedisHungDoesNotBlockDispatch: when Redis stops answering, Dispatch
+// and Cancel return once their database write has committed; the wake-up
+// goes out in the background (the workers find the task on their next
+// poll), instead of holding the caller for seconds.
+func TestRedisHungDoesNotBlockDispatch(t *testing.T) {
+	t.Parallel()
+	srv := faultenv.StartRedis(t)
+	rdb := newRedis(t, srv.Addr())
+	c := newClient(t, tasking.WithLocker(tasking.NewRedisLocker(rdb)))
+	ctx := ctxT(t, time.Minute)
+	_, err := c.Dispatch(ctx, "t", nil) // warm: the schema check and the connections
+	require.NoError(t, err)
+
+	require.NoError(t, syscall.Kill(srv.PID(), syscall.SIGSTOP))
+	defer func() { _ = syscall.Kill(srv.PID(), syscall.SIGCONT) }()
+	t0 := time.Now()
+	task, err := c.Dispatch(ctx, "t", nil, tasking.Exclusive("r"))
+	require.NoError(t, err)
+	require.NoError(t, c.Cancel(ctx, task.ID))
+	require.Less(t, time.Since(t0), time.Second, "Dispatch and Cancel waited for a hung Redis")
 }

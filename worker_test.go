@@ -116,11 +116,11 @@ func TestShutdownGrace(t *testing.T) {
 	require.NoError(t, err)
 	polite, err := c.Dispatch(ctx, "polite", nil, tasking.Exclusive("b"))
 	require.NoError(t, err)
-	<-started
-	<-started
+	recv(t, started, 30*time.Second)
+	recv(t, started, 30*time.Second)
 	stop()
-	require.NoError(t, <-done)
-	require.ErrorIs(t, <-causes, tasking.ErrShutdown)
+	require.NoError(t, recv(t, done, 30*time.Second))
+	require.ErrorIs(t, recv(t, causes, 30*time.Second), tasking.ErrShutdown)
 
 	got, err := c.Get(ctx, stubborn.ID)
 	require.NoError(t, err)
@@ -163,7 +163,7 @@ func TestPostgresLockLost(t *testing.T) {
 	runWorker(t, w)
 	task, err := c.Dispatch(ctx, "hold", nil, tasking.Exclusive("lost-"+testdb.Name("r")))
 	require.NoError(t, err)
-	<-started
+	recv(t, started, 30*time.Second)
 
 	// Kill the worker's lock connection, which holds the task's lock.
 	var killed bool
@@ -174,7 +174,7 @@ func TestPostgresLockLost(t *testing.T) {
 	require.NoError(t, err)
 	require.True(t, killed)
 
-	require.ErrorIs(t, <-causes, tasking.ErrLockLost)
+	require.ErrorIs(t, recv(t, causes, 30*time.Second), tasking.ErrLockLost)
 	got, err := c.Wait(ctx, task.ID)
 	require.NoError(t, err)
 	require.Equal(t, tasking.StateFailed, got.State)
@@ -213,7 +213,7 @@ func TestLockerMismatch(t *testing.T) {
 	require.Contains(t, err.Error(), `"postgres"`)
 
 	stop()
-	require.NoError(t, <-done)
+	require.NoError(t, recv(t, done, 30*time.Second))
 	runWorker(t, w2) // the postgres worker retired: the memory one may start
 	task, err := mem.Dispatch(ctx, "t", nil, tasking.Exclusive("x"))
 	require.NoError(t, err)
