@@ -107,6 +107,9 @@ func (c *workerConn) open(ctx context.Context) error {
 	}
 	c.drop(ctx)
 	cfg := c.cfg.Copy()
+	if cfg.RuntimeParams == nil {
+		cfg.RuntimeParams = map[string]string{}
+	}
 	cfg.RuntimeParams["application_name"] = *c.appName.Load()
 	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
