@@ -58,7 +58,9 @@ func (r *run) loop(ctx context.Context, conn *workerConn) {
 		if !stopping {
 			free = r.freeSlots()
 		}
-		if len(pending) == 0 && (free <= 0 || !woken) {
+		// Wait for something to do, or, after a failed step, for the
+		// backoff to pass (the outcomes stay pending meanwhile).
+		if failing && retry != nil || len(pending) == 0 && (free <= 0 || !woken) {
 			select {
 			case <-done:
 				stopping, done = true, nil
