@@ -6,6 +6,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -38,6 +39,7 @@ type workerConn struct {
 	conn   *pgx.Conn
 	gen    atomic.Uint64
 	wanted atomic.Int32 // uses waiting for mu
+	okAt   atomic.Int64 // unix nanos of the last statement that succeeded
 
 	waitMu     sync.Mutex
 	cancelWait context.CancelFunc // interrupts the idle LISTEN wait
@@ -90,7 +92,17 @@ func (c *workerConn) use(ctx context.Context, fn func(conn *pgx.Conn) error) err
 	if err := c.open(ctx); err != nil {
 		return err
 	}
-	return fn(c.conn)
+	err := fn(c.conn)
+	if err == nil {
+		c.okAt.Store(time.Now().UnixNano())
+	}
+	return err
+}
+
+// usedWithin reports whether a statement succeeded on the current
+// connection within d.
+func (c *workerConn) usedWithin(d time.Duration) bool {
+	return time.Since(time.Unix(0, c.okAt.Load())) < d
 }
 
 func (c *workerConn) signalIdle() {

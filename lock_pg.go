@@ -204,7 +204,11 @@ func (s *pgSession) watch(every time.Duration) {
 		}
 		s.mu.Lock()
 		report := func() {}
-		if len(s.owned) > 0 {
+		// A busy worker's statements show that the connection (and so
+		// the session's locks) is alive; the check only runs on a quiet
+		// one, or when the connection was replaced.
+		quiet := !s.conn.usedWithin(every) || s.conn.generation() != s.gen
+		if len(s.owned) > 0 && quiet {
 			broken := false
 			err := s.conn.use(context.Background(), func(conn *pgx.Conn) error {
 				if report = s.current(conn); len(s.owned) == 0 {
