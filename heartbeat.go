@@ -35,6 +35,7 @@ func (r *run) beat(ctx context.Context) {
 	}
 	r.beatLog.ok()
 	r.live.Store(b.Live)
+	r.repeatHunger()
 	r.sweep(ctx, b.Owned)
 	if !b.Present {
 		// Cleanup declared this worker gone (it was paused for longer than
@@ -126,7 +127,7 @@ func (r *run) cleanup(ctx context.Context) {
 		"failed", got.Failed, "canceled", got.Canceled)
 	r.freeGrants(ctx, got.Workers)
 	if got.Ready > 0 {
-		r.wakeOthers()
+		r.wakeOthers(true)
 	}
 	r.c.waits.poke()
 }
@@ -170,27 +171,6 @@ func (r *run) freeGrants(ctx context.Context, workers []int64) {
 	if err := f.FreeWorkers(ctx, workers); err != nil {
 		r.log.Warn("tasking: free dead workers' locks", "err", err)
 	}
-}
-
-// wakeOthers wakes the workers of the fleet: tasks became ready that this
-// worker did not take. The wake-up goes out after the step, in the
-// background and coalesced (see coalescer), on the worker's own connection
-// with the PostgreSQL bus: a NOTIFY inside the step would make its commit
-// queue on PostgreSQL's one lock for notifying commits.
-func (r *run) wakeOthers() {
-	ch := r.c.bus.listenChannel()
-	if ch == "" {
-		r.c.bus.released(context.Background())
-		return
-	}
-	r.wakeup.ask(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if _, err := r.conn.Exec(ctx, "SELECT pg_notify($1, 'r')", ch); err != nil {
-			r.log.Warn("tasking: wake-up not sent; workers find the tasks on their next poll", "err", err)
-		}
-		time.Sleep(notifySpacing)
-	})
 }
 
 // pollEvery is this worker's fallback poll interval: the configured one

@@ -117,6 +117,21 @@ func (b *redisBus) publish(what, msg string) {
 
 func (b *redisBus) notify(ctx context.Context) error { return b.send(ctx, "w") }
 
+func (b *redisBus) tell(ctx context.Context, msg string) error {
+	if b.l.rdb == nil {
+		return inputErr("redis client", "nil rueidis.Client")
+	}
+	ctx, cancel := context.WithTimeout(ctx, publishTimeout)
+	defer cancel()
+	// Only workers tell: their locker's health says once that Redis is gone.
+	if err := b.send(ctx, msg); err != nil {
+		b.l.health.failed(b.log, b.l.rdb, "message to the other workers", err)
+		return err
+	}
+	b.l.health.ok(b.log)
+	return nil
+}
+
 func (b *redisBus) send(ctx context.Context, msg string) error {
 	rdb := b.l.rdb
 	if rdb == nil {
@@ -128,7 +143,7 @@ func (b *redisBus) send(ctx context.Context, msg string) error {
 // listen subscribes to the channel, reconnecting with backoff. Every
 // (re)subscription wakes the worker: wake-ups may have been missed while
 // it was not subscribed.
-func (b *redisBus) listen(ctx context.Context, wake func(), cancel func(id int64)) error {
+func (b *redisBus) listen(ctx context.Context, rcv busReceiver) error {
 	rdb := b.l.rdb
 	if rdb == nil {
 		return nil
@@ -142,11 +157,11 @@ func (b *redisBus) listen(ctx context.Context, wake func(), cancel func(id int64
 				mu.Lock()
 				subscribed = true
 				mu.Unlock()
-				wake()
+				rcv.onListening()
 			}
 		})
 		err := rdb.Receive(sctx, rdb.B().Subscribe().Channel(b.channel).Build(), func(m rueidis.PubSubMessage) {
-			onMessage(m.Message, wake, cancel)
+			rcv.onMessage(m.Message)
 		})
 		if ctx.Err() != nil {
 			break
@@ -160,7 +175,7 @@ func (b *redisBus) listen(ctx context.Context, wake func(), cancel func(id int64
 			err = errors.New("subscription ended")
 		}
 		b.l.health.failed(b.log, rdb, "subscribe", err)
-		wake() // something may have been missed
+		rcv.onMessage("w") // something may have been missed
 		sleepCtx(ctx, jitter(backoff))
 		backoff = min(backoff*2, 5*time.Second)
 	}

@@ -55,6 +55,8 @@ type run struct {
 	wakes         atomic.Uint64 // wake-ups asked for so far (see loop)
 	unwritten     atomic.Int64  // outcomes given up on at shutdown
 	wakeup        coalescer     // wake-ups this worker sends to the others
+	peers         peerTable     // which other workers are hungry (wake_peers.go)
+	hungerSay     coalescer     // this worker's hunger messages
 	live          atomic.Int64  // live workers in the fleet, from the last heartbeat
 	beatLog       failureLog    // heartbeats and cleanups that keep failing are logged once, then summarised
 	cleanLog      failureLog
@@ -98,8 +100,8 @@ func newRun(w *Worker, handlers map[string]handler) *run {
 	}
 	r.fleet = fleet.New(r.conn, c.schema, hashKey("tasking/registry", c.schema, ""), hashKey("tasking/cleanup", c.schema, ""))
 	r.conn.channel = c.bus.listenChannel()
-	r.conn.onNotify = func(payload string) { onMessage(payload, r.signal, r.cancelTask) }
-	r.conn.onReopen = r.signal // wake-ups may have been missed meanwhile
+	r.conn.onNotify = r.onMessage
+	r.conn.onReopen = r.onListening
 	return r
 }
 
@@ -155,7 +157,7 @@ func (r *run) serve(ctx context.Context, grace func() context.Context) error {
 	bg, stopBg := context.WithCancel(context.WithoutCancel(ctx))
 	var bgW sync.WaitGroup
 	bgW.Add(3)
-	go func() { defer bgW.Done(); _ = r.c.bus.listen(bg, r.signal, r.cancelTask) }()
+	go func() { defer bgW.Done(); _ = r.c.bus.listen(bg, r) }()
 	go func() {
 		defer bgW.Done()
 		r.conn.listen(bg, func(ctx context.Context, err error) {

@@ -186,9 +186,13 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 		}
 	}
 
+	sent := time.Now()
 	res, err := r.c.step(ctx, conn, r.id, outs, r.names, free, r.w.cfg.ttl*2/3, r.lockerUp(ctx))
 	if err != nil {
 		return 0, false, err
+	}
+	if r.w.cfg.afterClaim != nil && len(res.claimed) > 0 {
+		r.w.cfg.afterClaim()
 	}
 	r.mu.Lock()
 	for _, o := range outs {
@@ -204,7 +208,7 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 		r.c.waits.poke()
 	}
 	if res.left > 0 {
-		r.wakeOthers()
+		r.wakeOthers(false)
 	}
 	again = res.handoffs
 
@@ -239,6 +243,25 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 			}
 		}
 	}
+	if late := time.Since(sent); late > r.w.cfg.ttl/3 && len(res.claimed) > 0 {
+		// The step claimed with a heartbeat younger than two thirds of the
+		// TTL, which leaves a third of it to start the tasks. This worker
+		// was paused longer than that since (a stopped process, a
+		// suspended VM): cleanup may have declared it lost and failed the
+		// tasks, and a conflicting task may run already. Start none; put
+		// them back (guarded by epoch: a failed task stays failed).
+		r.log.Warn("tasking: claimed tasks not started: the worker was paused between claim and start",
+			"pause", late.Round(time.Millisecond), "tasks", len(res.claimed))
+		if len(reqs) > 0 && lockErr == nil {
+			if err := r.lock.Release(ctx, ownersOf(reqs)); err != nil {
+				r.log.Warn("tasking: release locks of tasks not started", "err", err)
+			}
+		}
+		if err := r.unclaim(ctx, conn, res.claimed); err != nil {
+			r.log.Warn("tasking: put back tasks not started", "err", err)
+		}
+		return 0, true, lockErr
+	}
 	if len(refused) > 0 {
 		// Refused: a grant of a worker that was declared lost, not freed yet
 		// (it runs out with its lease or session). The tasks keep their
@@ -247,6 +270,9 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 			r.log.Warn("tasking: put back tasks whose locks were refused", "err", err)
 		}
 		again = true
+	}
+	if free > 0 {
+		r.setHungry(len(res.claimed) < free)
 	}
 	skip := make(map[int64]bool, len(refused))
 	for _, t := range refused {

@@ -5,7 +5,6 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"math/rand/v2"
-	"strconv"
 	"sync"
 	"time"
 )
@@ -34,21 +33,18 @@ type wakeBus interface {
 	// canceled is called after a running task was set canceling, to tell
 	// its worker (a no-op when the cancel statement notified already).
 	canceled(ctx context.Context, id int64)
-	// listen calls wake for every wake-up and cancel for every canceled
-	// task until ctx is done (nothing for a bus whose workers LISTEN).
-	listen(ctx context.Context, wake func(), cancel func(id int64)) error
+	// tell sends a message to every worker of the schema (see
+	// wake_peers.go); it reports failures itself.
+	tell(ctx context.Context, msg string) error
+	// listen hands every message to rcv until ctx is done (nothing for a
+	// bus whose workers LISTEN).
+	listen(ctx context.Context, rcv busReceiver) error
 }
 
-// onMessage dispatches one bus message: "c<id>" cancels a task, anything
-// else wakes the scheduler.
-func onMessage(payload string, wake func(), cancel func(id int64)) {
-	if len(payload) > 1 && payload[0] == 'c' {
-		if id, err := strconv.ParseInt(payload[1:], 10, 64); err == nil {
-			cancel(id)
-			return
-		}
-	}
-	wake()
+// busReceiver is a worker, as the bus sees it.
+type busReceiver interface {
+	onMessage(payload string) // "c<id>" cancels a task, see run.onMessage
+	onListening()             // (re)subscribed: messages may have been missed
 }
 
 // newBus picks the wake-up transport that goes with the client's locker.
@@ -148,14 +144,17 @@ func (b *pgBus) released(ctx context.Context) { b.dispatched(ctx) }
 
 func (b *pgBus) listenChannel() string { return b.channel }
 
-func (b *pgBus) notify(ctx context.Context) error {
-	_, err := b.c.pool.Exec(ctx, "SELECT pg_notify($1, 'd')", b.channel)
+func (b *pgBus) notify(ctx context.Context) error { return b.tell(ctx, "d") }
+
+// tell is not what workers use: they NOTIFY on their own connection.
+func (b *pgBus) tell(ctx context.Context, msg string) error {
+	_, err := b.c.pool.Exec(ctx, "SELECT pg_notify($1, $2)", b.channel, msg)
 	return err
 }
 
 // listen does nothing: a worker LISTENs on its own connection (see
 // workerConn), so that it needs no connection for it.
-func (b *pgBus) listen(context.Context, func(), func(int64)) error { return nil }
+func (b *pgBus) listen(context.Context, busReceiver) error { return nil }
 
 // waiters serves Client.Wait: one goroutine polls for all waiting calls at
 // once, faster right after a wake-up, slower as time passes.

@@ -80,6 +80,8 @@ type workerConfig struct {
 	poll  time.Duration
 	grace time.Duration
 	ttl   time.Duration
+
+	afterClaim func() // tests: runs between a step's claim and the start of its tasks
 }
 
 // WithSlots sets how many handlers run at once. Default: 16.
