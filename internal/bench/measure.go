@@ -132,10 +132,11 @@ type sampler struct {
 	cpu         map[uint32]float64
 	peak        int
 	now         int
-	peakProc    int  // the most connections one worker process had at once
-	peakWorkers int  // the most connections the workers had at once (PgBouncer's servers, through it)
-	peakBouncer int  // the most server connections PgBouncer had at once
-	procs       bool // /proc readable for the backends
+	peakProc    int     // the most connections one worker process had at once
+	peakWorkers int     // the most connections the workers had at once (PgBouncer's servers, through it)
+	peakBouncer int     // the most server connections PgBouncer had at once
+	procs       bool    // /proc readable for the backends
+	oldestOther float64 // seconds: the oldest transaction of a session not ours
 }
 
 func newSampler(mon *pgxpool.Pool, bouncer *pgBouncer) *sampler {
@@ -200,6 +201,14 @@ func (s *sampler) sample(ctx context.Context) {
 	if len(pids) == 0 {
 		return
 	}
+	var other float64
+	if err := s.mon.QueryRow(ctx, `SELECT coalesce(max(extract(epoch FROM now() - xact_start)), 0)::float8
+		FROM pg_stat_activity WHERE backend_xmin IS NOT NULL AND xact_start IS NOT NULL
+		AND pid <> ALL ($1) AND pid <> pg_backend_pid() AND backend_type = 'client backend'`, pids).Scan(&other); err == nil {
+		s.mu.Lock()
+		s.oldestOther = max(s.oldestOther, other)
+		s.mu.Unlock()
+	}
 	rows, err := s.mon.Query(ctx, `SELECT pid FROM pg_stat_activity WHERE pid = ANY($1)`, pids)
 	if err != nil {
 		return
@@ -240,6 +249,13 @@ func (s *sampler) sample(ctx context.Context) {
 		s.cpu[p] = max(s.cpu[p], c)
 		s.procs = true
 	}
+}
+
+// otherXact is how old the oldest transaction of another session got.
+func (s *sampler) otherXact() float64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.oldestOther
 }
 
 // backendCPU sums the CPU seconds of the bench's backends: the dispatching

@@ -210,6 +210,12 @@ func (rep *Report) Markdown(w io.Writer) {
 	row("machine busy while draining (cores)", func(_ *column, m *Result) string {
 		return fmt.Sprintf("%.2f of %d", m.MachineBusy, c.GOMAXPROCS)
 	})
+	row("oldest transaction of another session (s)", func(_ *column, m *Result) string {
+		if m.OtherXact >= 2 {
+			return fmt.Sprintf("**%.0f** (claims slowed: not representative)", m.OtherXact)
+		}
+		return fmt.Sprintf("%.1f", m.OtherXact)
+	})
 
 	if c.Workload == "hot" {
 		fmt.Fprintln(w)
