@@ -218,7 +218,7 @@ func runDeepProcesses(t *testing.T, bin, locker string) {
 		t: t, sc: faultScenario{name: "deep", locker: locker}, seed: seed, bin: bin, dir: faultDir(t),
 		rng:    rand.New(rand.NewPCG(seed, 0xdee9)),
 		schema: testdb.Schema(t, pool),
-		dsn:    testdb.DatabaseURL(), slots: 8,
+		dsn:    testdb.DatabaseURL(), slots: 8, ttl: 5 * time.Second,
 	}
 	opts := []tasking.Option{tasking.WithSchema(fx.schema), tasking.WithLogger(quietLogger())}
 	if locker == "redis" {

@@ -95,6 +95,11 @@ type faultRun struct {
 	// at redisAddr, "": none): the shared test servers.
 	dsn, redisAddr string
 	slots          int // handler slots per worker; 0 is faultSlots
+	// ttl is the workers' heartbeat TTL; 0 is faultTTL. Runs without
+	// faults use a longer one: on a loaded 2-core machine a worker's
+	// heartbeat can be late by a second, and a live worker declared lost
+	// fails its task.
+	ttl time.Duration
 
 	// onWave, when set (by the scenario's setup), is called by the
 	// dispatcher with the tasks of every wave as soon as it is stored.
@@ -149,7 +154,7 @@ func (fx *faultRun) startProc(slot int, name string) *faultProc {
 	dsn += sep + "pool_max_conns=6&application_name=" + url.QueryEscape(name)
 	args := []string{
 		"-dsn", dsn, "-schema", fx.schema, "-locker", fx.sc.lockerKind(),
-		"-slots", strconv.Itoa(slots), "-name", name, "-ttl", faultTTL.String(),
+		"-slots", strconv.Itoa(slots), "-name", name, "-ttl", cmp.Or(fx.ttl, faultTTL).String(),
 		"-poll", "200ms", "-grace", "2s", "-lock-check", "50ms",
 		"-events", p.events}
 	if redisAddr != "" {
