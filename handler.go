@@ -76,21 +76,28 @@ func (r *run) settleHandler(hctx context.Context, t *Task, a *activeTask, err er
 	delete(r.active, t.ID)
 	r.unsent[t.ID] = struct{}{}
 	o := outcome{task: t, state: StateCompleted, owner: a.names}
+	var why error // for the error handler
 	switch {
 	case a.lost:
 		o.state, o.err = StateFailed, errorText(cause)
+		why = cmp.Or(cause, ErrLockLost)
 	case errors.Is(cause, ErrTimeout) || errors.Is(cause, ErrCanceled) || errors.Is(cause, ErrWorkerLost):
 		// A canceled task ends canceled in the step.
 		o.state, o.err = StateFailed, cause.Error()
+		if !errors.Is(cause, ErrCanceled) {
+			why = cause
+		}
 	case err != nil:
-		o.state, o.err = StateFailed, err.Error()
+		o.state, o.err, why = StateFailed, err.Error(), err
 		if errors.Is(cause, ErrShutdown) && !errors.Is(err, ErrShutdown) {
 			// Say why the handler failed, once: a handler that returned
 			// context.Cause(ctx) already says it.
 			o.err = ErrShutdown.Error() + ": " + o.err
+			why = fmt.Errorf("%w: %w", ErrShutdown, err)
 		}
 	}
 	r.mu.Unlock()
+	r.failed(hctx, t, why)
 	r.send(o)
 }
 
@@ -101,14 +108,15 @@ func errorText(err error) string {
 	return err.Error()
 }
 
-// call runs the handler, turning a panic into an error with its stack.
+// call runs the handler inside the worker's middleware, turning a panic
+// (in either) into a [*PanicError] with its stack.
 func (r *run) call(ctx context.Context, fn HandlerFunc, t *Task) (err error) {
 	defer func() {
 		if v := recover(); v != nil {
-			err = fmt.Errorf("panic: %v\n%s", v, debug.Stack())
+			err = &PanicError{Value: v, Stack: debug.Stack()}
 		}
 	}()
-	return fn(ctx, t)
+	return fn(ctx, t) // fn is wrapped in the middleware (newRun)
 }
 
 // send hands an outcome to the step loop, unless shutdown has closed the

@@ -73,8 +73,10 @@ type activeTask struct {
 func newRun(w *Worker, handlers map[string]handler) *run {
 	base, cancelAll := context.WithCancelCause(context.Background())
 	names := make([]string, 0, len(handlers))
-	for n := range handlers {
+	for n, h := range handlers {
 		names = append(names, n)
+		h.fn = chain(h.fn, w.cfg.middleware) // handlers is this run's copy
+		handlers[n] = h
 	}
 	host, _ := os.Hostname()
 	c := w.c
@@ -241,6 +243,8 @@ func (r *run) abandon() []int64 {
 	slices.Sort(ids)
 	r.log.Error("tasking: handlers ignore cancellation; abandoning them and failing their tasks", "tasks", ids)
 	for _, o := range outs {
+		r.failed(context.WithValue(context.Background(), taskKey{}, o.task), o.task,
+			fmt.Errorf("%w: task %d did not return after its context was canceled", ErrHandlersAbandoned, o.task.ID))
 		r.send(o)
 	}
 	return ids

@@ -80,6 +80,9 @@ type workerConfig struct {
 	poll  time.Duration
 	grace time.Duration
 	ttl   time.Duration
+
+	middleware []Middleware // WithMiddleware
+	onError    ErrorHandler // WithErrorHandler
 }
 
 // WithSlots sets how many handlers run at once. Default: 16.
