@@ -103,6 +103,14 @@
 // handler returned an error or was interrupted. Dispatch it again for
 // another attempt.
 //
+// # Hooks
+//
+// [WithMiddleware] wraps every handler of a worker in your own code (tracing,
+// logging, metrics, a panic policy): each [Middleware] gets the next handler
+// and the task. [WithErrorHandler] is told of every task that fails on the
+// worker, with the error itself: the handler's own, a [*PanicError] for a
+// panic, or the library's reason (timeout, lock lost, shutdown...).
+//
 // # Shut down
 //
 // Cancel the context given to Run, or call [Worker.Stop] with a deadline.
