@@ -111,6 +111,15 @@
 // worker, with the error itself: the handler's own, a [*PanicError] for a
 // panic, or the library's reason (timeout, lock lost, shutdown...).
 //
+// # Stats and workers
+//
+// [Client.Stats] returns, in one read-only transaction, the tasks by state
+// and by name, how long each name's oldest waiting task has waited, the
+// names whose waiting tasks no live worker handles, and the registered
+// workers ([WorkerInfo]: name, host, locker kind, busy and total slots,
+// handled names, last heartbeat, live or not). [Client.Workers] reads the
+// workers alone.
+//
 // # Shut down
 //
 // Cancel the context given to Run, or call [Worker.Stop] with a deadline.

@@ -82,7 +82,7 @@ func newRun(w *Worker, handlers map[string]handler) *run {
 	c := w.c
 	r := &run{
 		w: w, c: c, handlers: handlers, names: names,
-		self:          fleet.Worker{Name: w.cfg.name, Host: host, PID: os.Getpid(), Locker: c.locker.Kind(), Handles: names},
+		self:          fleet.Worker{Name: w.cfg.name, Host: host, PID: os.Getpid(), Locker: c.locker.Kind(), Handles: names, Slots: w.cfg.slots},
 		conn:          newWorkerConn(c.pool, "tasking worker"),
 		base:          base,
 		cancelAll:     cancelAll,
