@@ -120,6 +120,16 @@
 // handled names, last heartbeat, live or not). [Client.Workers] reads the
 // workers alone.
 //
+// # Why is a task waiting?
+//
+// [Client.WhyWaiting] answers for one task, resource by resource: the
+// earlier conflicting tasks on its waiting lines, running (holding the
+// resource) or waiting ahead of it, read from the lines themselves; whether
+// it is ready and only waits for a slot; and whether no live worker
+// handles its name, so that it will not start at all. A blocked entry with
+// nothing ahead means the hand-off of that line is pending behind an open
+// [Client.DispatchTx] transaction.
+//
 // # Shut down
 //
 // Cancel the context given to Run, or call [Worker.Stop] with a deadline.
