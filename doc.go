@@ -130,6 +130,17 @@
 // nothing ahead means the hand-off of that line is pending behind an open
 // [Client.DispatchTx] transaction.
 //
+// # OpenTelemetry
+//
+// Give the client a MeterProvider ([WithMeterProvider]) for metrics (tasks
+// dispatched, started and finished by name and final state, wait and run
+// time histograms, waiting tasks and the oldest one's age by name, grants
+// held and refused by locker, worker steps, wake-ups) and a TracerProvider
+// ([WithTracerProvider]) for a span per dispatch and one per run of a
+// handler, linked to its dispatch's span through the trace context stored
+// with the task. The handler's context carries the run span. Without them
+// nothing is recorded, sent or stored.
+//
 // # Shut down
 //
 // Cancel the context given to Run, or call [Worker.Stop] with a deadline.

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime/debug"
+	"time"
 )
 
 // outcome is a handler's end, to be written by the next step.
@@ -13,7 +14,8 @@ type outcome struct {
 	task  *Task
 	state State
 	err   string
-	owner bool // holds locker grants to release
+	owner bool          // holds locker grants to release
+	ran   time.Duration // how long the handler ran
 }
 
 // start runs t's handler in its own goroutine. Its outcome goes to the step
@@ -27,7 +29,9 @@ func (r *run) start(t *Task) {
 	if d := cmp.Or(t.Timeout, h.timeout); d > 0 {
 		hctx, stopTimer = context.WithTimeoutCause(hctx, d, ErrTimeout)
 	}
-	a := &activeTask{task: t, names: len(t.Exclusive)+len(t.Shared) > 0}
+	hctx, span := r.startRunSpan(hctx, t)
+	r.c.met.startedTask(hctx, t)
+	a := &activeTask{task: t, names: len(t.Exclusive)+len(t.Shared) > 0, span: span, began: time.Now()}
 	r.mu.Lock()
 	a.cancel = cancel
 	r.active[t.ID] = a
@@ -75,7 +79,7 @@ func (r *run) settleHandler(hctx context.Context, t *Task, a *activeTask, err er
 	a.cancel(nil)
 	delete(r.active, t.ID)
 	r.unsent[t.ID] = struct{}{}
-	o := outcome{task: t, state: StateCompleted, owner: a.names}
+	o := outcome{task: t, state: StateCompleted, owner: a.names, ran: time.Since(a.began)}
 	var why error // for the error handler
 	switch {
 	case a.lost:
@@ -98,6 +102,7 @@ func (r *run) settleHandler(hctx context.Context, t *Task, a *activeTask, err er
 	}
 	r.mu.Unlock()
 	r.failed(hctx, t, why)
+	endSpan(a.span, why)
 	r.send(o)
 }
 

@@ -11,6 +11,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/tasking-go/tasking/internal/fleet"
 )
 
@@ -68,6 +70,9 @@ type activeTask struct {
 	names     bool // holds grants
 	lost      bool // grants lost: fail whatever the handler returns
 	abandoned bool // given up at shutdown: its outcome was written for it
+
+	span  trace.Span // the run's span, nil when not tracing
+	began time.Time
 }
 
 func newRun(w *Worker, handlers map[string]handler) *run {
@@ -236,7 +241,8 @@ func (r *run) abandon() []int64 {
 		a.abandoned = true
 		delete(r.active, id)
 		r.unsent[id] = struct{}{}
-		outs = append(outs, outcome{task: a.task, state: StateFailed, err: reasonAbandoned, owner: a.names})
+		outs = append(outs, outcome{task: a.task, state: StateFailed, err: reasonAbandoned, owner: a.names, ran: time.Since(a.began)})
+		endSpan(a.span, ErrHandlersAbandoned)
 		ids = append(ids, id)
 	}
 	r.mu.Unlock()

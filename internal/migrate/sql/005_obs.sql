@@ -7,3 +7,12 @@
 -- default TTL for rows written by an older release.
 ALTER TABLE {{schema}}.workers ADD COLUMN slots integer NOT NULL DEFAULT 0;
 ALTER TABLE {{schema}}.workers ADD COLUMN ttl_ms bigint NOT NULL DEFAULT 30000;
+
+-- The trace context (a W3C traceparent) of the dispatch that created a
+-- task, for tasks dispatched by a client with a TracerProvider: a worker
+-- that traces links the task's run span to it. Written by the dispatching
+-- statement, read when the task is claimed; other dispatches write nothing.
+CREATE TABLE {{schema}}.task_traces (
+    task   bigint PRIMARY KEY REFERENCES {{schema}}.tasks (id) ON DELETE CASCADE,
+    parent text NOT NULL
+);
