@@ -31,7 +31,10 @@ func (r *run) start(t *Task) {
 	}
 	hctx, span := r.startRunSpan(hctx, t)
 	r.c.met.startedTask(hctx, t)
-	a := &activeTask{task: t, names: len(t.Exclusive)+len(t.Shared) > 0, span: span, began: time.Now()}
+	a := &activeTask{task: t, names: len(t.Exclusive)+len(t.Shared) > 0, span: span}
+	if r.c.met != nil { // only the run-time histogram needs the clock
+		a.began = time.Now()
+	}
 	r.mu.Lock()
 	a.cancel = cancel
 	r.active[t.ID] = a
@@ -79,7 +82,7 @@ func (r *run) settleHandler(hctx context.Context, t *Task, a *activeTask, err er
 	a.cancel(nil)
 	delete(r.active, t.ID)
 	r.unsent[t.ID] = struct{}{}
-	o := outcome{task: t, state: StateCompleted, owner: a.names, ran: time.Since(a.began)}
+	o := outcome{task: t, state: StateCompleted, owner: a.names, ran: a.ran()}
 	var why error // for the error handler
 	switch {
 	case a.lost:

@@ -72,7 +72,15 @@ type activeTask struct {
 	abandoned bool // given up at shutdown: its outcome was written for it
 
 	span  trace.Span // the run's span, nil when not tracing
-	began time.Time
+	began time.Time  // set with metrics only
+}
+
+// ran is how long the handler has run, 0 when not measured.
+func (a *activeTask) ran() time.Duration {
+	if a.began.IsZero() {
+		return 0
+	}
+	return time.Since(a.began)
 }
 
 func newRun(w *Worker, handlers map[string]handler) *run {
@@ -241,7 +249,7 @@ func (r *run) abandon() []int64 {
 		a.abandoned = true
 		delete(r.active, id)
 		r.unsent[id] = struct{}{}
-		outs = append(outs, outcome{task: a.task, state: StateFailed, err: reasonAbandoned, owner: a.names, ran: time.Since(a.began)})
+		outs = append(outs, outcome{task: a.task, state: StateFailed, err: reasonAbandoned, owner: a.names, ran: a.ran()})
 		endSpan(a.span, ErrHandlersAbandoned)
 		ids = append(ids, id)
 	}
