@@ -141,6 +141,12 @@
 // with the task. The handler's context carries the run span. Without them
 // nothing is recorded, sent or stored.
 //
+// # Dashboard
+//
+// Package [github.com/tasking-go/tasking/dashboard] serves all of the above
+// as an http.Handler to mount in a service's mux: server-rendered pages and
+// a JSON API, read-only unless the host enables cancel.
+//
 // # Shut down
 //
 // Cancel the context given to Run, or call [Worker.Stop] with a deadline.
