@@ -160,3 +160,57 @@ func TestErrorHandler(t *testing.T) {
 	require.Equal(t, again.ID, expect(again.ID).task.ID)
 	require.Empty(t, calls)
 }
+
+// TestErrorHandlerShutdown: tasks cut off by shutdown reach the error
+// handler too: one whose handler returned the cause (ErrShutdown), and one
+// whose handler ignored it and was abandoned (ErrHandlersAbandoned).
+func TestErrorHandlerShutdown(t *testing.T) {
+	t.Parallel()
+	c := newClient(t)
+	ctx := ctxT(t, 30*time.Second)
+	got := make(chan error, 4)
+	started := make(chan struct{}, 2)
+	stubborn := make(chan struct{})
+	w := tasking.NewWorker(c, tasking.WithSlots(2), tasking.WithErrorHandler(func(_ context.Context, task *tasking.Task, err error) {
+		got <- err
+	}))
+	w.Handle("obedient", func(ctx context.Context, task *tasking.Task) error {
+		started <- struct{}{}
+		<-ctx.Done()
+		return context.Cause(ctx)
+	})
+	w.Handle("stubborn", func(ctx context.Context, task *tasking.Task) error {
+		started <- struct{}{}
+		<-stubborn // ignores its context
+		return nil
+	})
+	ran := make(chan error, 1)
+	go func() { ran <- w.Run(context.Background()) }()
+	for _, name := range []string{"obedient", "stubborn"} {
+		_, err := c.Dispatch(ctx, name, nil)
+		require.NoError(t, err)
+	}
+	recv(t, started, 10*time.Second)
+	recv(t, started, 10*time.Second)
+
+	stopCtx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
+	defer cancel()
+	err := w.Stop(stopCtx)
+	require.ErrorIs(t, err, tasking.ErrHandlersAbandoned)
+	require.ErrorIs(t, recv(t, ran, 10*time.Second), tasking.ErrHandlersAbandoned)
+	close(stubborn) // let the abandoned goroutine end before goleak looks
+
+	var errs []error
+	errs = append(errs, recv(t, got, time.Second), recv(t, got, time.Second))
+	var shutdown, abandoned int
+	for _, e := range errs {
+		switch {
+		case errors.Is(e, tasking.ErrHandlersAbandoned):
+			abandoned++
+		case errors.Is(e, tasking.ErrShutdown):
+			shutdown++
+		}
+	}
+	require.Equal(t, 1, shutdown, "%v", errs)
+	require.Equal(t, 1, abandoned, "%v", errs)
+}
