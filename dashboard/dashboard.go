@@ -9,7 +9,15 @@
 // state, name and resource, a task's detail (args, result, error, and for a
 // waiting task what it waits for, resource by resource, from
 // [tasking.Client.WhyWaiting]) and the workers. Every page has a JSON
-// twin under api/.
+// twin under api/:
+//
+//	GET  api/stats              StatsView
+//	GET  api/tasks              TaskList (?state=&name=&resource=&after=&limit=)
+//	GET  api/tasks/{id}         TaskDetail (with what a waiting task waits for)
+//	GET  api/workers            []WorkerView
+//	POST api/tasks/{id}/cancel  TaskView (with AllowCancel and an X-Tasking-Request header)
+//
+// Errors come back as {"error": "..."} with a 400, 403, 404, 409 or 500.
 //
 // It is read-only unless the host enables cancel ([AllowCancel]); cancel is
 // a POST guarded against cross-site requests. The dashboard has no
