@@ -1,7 +1,7 @@
 # Developer shortcuts. The two commands a new user needs work without make:
 #   ./scripts/demo.sh   and   ./scripts/test.sh
 
-.PHONY: help demo test test-short bench lint fmt
+.PHONY: help demo test test-short bench lint fmt browser-check
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-11s %s\n", $$1, $$2}'
@@ -14,6 +14,9 @@ test: ## run the whole test suite with -race
 
 test-short: ## run the test suite without the slower fleet tests
 	./scripts/test.sh -short
+
+browser-check: ## load the dashboard's pages in headless Chromium (installs it as root)
+	./scripts/browser-check.sh
 
 bench: ## run the Go benchmarks once each
 	./scripts/services.sh go test -run '^$$' -bench . -benchtime 1x ./...

@@ -103,6 +103,50 @@
 // handler returned an error or was interrupted. Dispatch it again for
 // another attempt.
 //
+// # Hooks
+//
+// [WithMiddleware] wraps every handler of a worker in your own code (tracing,
+// logging, metrics, a panic policy): each [Middleware] gets the next handler
+// and the task. [WithErrorHandler] is told of every task that fails on the
+// worker, with the error itself: the handler's own, a [*PanicError] for a
+// panic, or the library's reason (timeout, lock lost, shutdown...).
+//
+// # Stats and workers
+//
+// [Client.Stats] returns, in one read-only transaction, the tasks by state
+// and by name, how long each name's oldest waiting task has waited, the
+// names whose waiting tasks no live worker handles, and the registered
+// workers ([WorkerInfo]: name, host, locker kind, busy and total slots,
+// handled names, last heartbeat, live or not). [Client.Workers] reads the
+// workers alone.
+//
+// # Why is a task waiting?
+//
+// [Client.WhyWaiting] answers for one task, resource by resource: the
+// earlier conflicting tasks on its waiting lines, running (holding the
+// resource) or waiting ahead of it, read from the lines themselves; whether
+// it is ready and only waits for a slot; and whether no live worker
+// handles its name, so that it will not start at all. A blocked entry with
+// nothing ahead means the hand-off of that line is pending behind an open
+// [Client.DispatchTx] transaction.
+//
+// # OpenTelemetry
+//
+// Give the client a MeterProvider ([WithMeterProvider]) for metrics (tasks
+// dispatched, started and finished by name and final state, wait and run
+// time histograms, waiting tasks and the oldest one's age by name, grants
+// held and refused by locker, worker steps, wake-ups) and a TracerProvider
+// ([WithTracerProvider]) for a span per dispatch and one per run of a
+// handler, linked to its dispatch's span through the trace context stored
+// with the task. The handler's context carries the run span. Without them
+// nothing is recorded, sent or stored.
+//
+// # Dashboard
+//
+// Package [github.com/tasking-go/tasking/dashboard] serves all of the above
+// as an http.Handler to mount in a service's mux: server-rendered pages and
+// a JSON API, read-only unless the host enables cancel.
+//
 // # Shut down
 //
 // Cancel the context given to Run, or call [Worker.Stop] with a deadline.

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime/debug"
+	"time"
 )
 
 // outcome is a handler's end, to be written by the next step.
@@ -13,7 +14,8 @@ type outcome struct {
 	task  *Task
 	state State
 	err   string
-	owner bool // holds locker grants to release
+	owner bool          // holds locker grants to release
+	ran   time.Duration // how long the handler ran
 }
 
 // start runs t's handler in its own goroutine. Its outcome goes to the step
@@ -27,7 +29,12 @@ func (r *run) start(t *Task) {
 	if d := cmp.Or(t.Timeout, h.timeout); d > 0 {
 		hctx, stopTimer = context.WithTimeoutCause(hctx, d, ErrTimeout)
 	}
-	a := &activeTask{task: t, names: len(t.Exclusive)+len(t.Shared) > 0}
+	hctx, span := r.startRunSpan(hctx, t)
+	r.c.met.startedTask(hctx, t)
+	a := &activeTask{task: t, names: len(t.Exclusive)+len(t.Shared) > 0, span: span}
+	if r.c.met != nil { // only the run-time histogram needs the clock
+		a.began = time.Now()
+	}
 	r.mu.Lock()
 	a.cancel = cancel
 	r.active[t.ID] = a
@@ -75,22 +82,30 @@ func (r *run) settleHandler(hctx context.Context, t *Task, a *activeTask, err er
 	a.cancel(nil)
 	delete(r.active, t.ID)
 	r.unsent[t.ID] = struct{}{}
-	o := outcome{task: t, state: StateCompleted, owner: a.names}
+	o := outcome{task: t, state: StateCompleted, owner: a.names, ran: a.ran()}
+	var why error // for the error handler
 	switch {
 	case a.lost:
 		o.state, o.err = StateFailed, errorText(cause)
+		why = cmp.Or(cause, ErrLockLost)
 	case errors.Is(cause, ErrTimeout) || errors.Is(cause, ErrCanceled) || errors.Is(cause, ErrWorkerLost):
 		// A canceled task ends canceled in the step.
 		o.state, o.err = StateFailed, cause.Error()
+		if !errors.Is(cause, ErrCanceled) {
+			why = cause
+		}
 	case err != nil:
-		o.state, o.err = StateFailed, err.Error()
+		o.state, o.err, why = StateFailed, err.Error(), err
 		if errors.Is(cause, ErrShutdown) && !errors.Is(err, ErrShutdown) {
 			// Say why the handler failed, once: a handler that returned
 			// context.Cause(ctx) already says it.
 			o.err = ErrShutdown.Error() + ": " + o.err
+			why = fmt.Errorf("%w: %w", ErrShutdown, err)
 		}
 	}
 	r.mu.Unlock()
+	r.failed(hctx, t, why)
+	endSpan(a.span, why)
 	r.send(o)
 }
 
@@ -101,14 +116,15 @@ func errorText(err error) string {
 	return err.Error()
 }
 
-// call runs the handler, turning a panic into an error with its stack.
+// call runs the handler inside the worker's middleware, turning a panic
+// (in either) into a [*PanicError] with its stack.
 func (r *run) call(ctx context.Context, fn HandlerFunc, t *Task) (err error) {
 	defer func() {
 		if v := recover(); v != nil {
-			err = fmt.Errorf("panic: %v\n%s", v, debug.Stack())
+			err = &PanicError{Value: v, Stack: debug.Stack()}
 		}
 	}()
-	return fn(ctx, t)
+	return fn(ctx, t) // fn is wrapped in the middleware (newRun)
 }
 
 // send hands an outcome to the step loop, unless shutdown has closed the

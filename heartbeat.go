@@ -47,7 +47,7 @@ func (r *run) beat(ctx context.Context) {
 			a.cancel(ErrWorkerLost)
 		}
 		r.mu.Unlock()
-		if err := r.fleet.Reinstate(ctx, r.id, r.self); err != nil && ctx.Err() == nil {
+		if err := r.fleet.Reinstate(ctx, r.id, r.self, r.w.cfg.ttl); err != nil && ctx.Err() == nil {
 			r.log.Warn("tasking: rejoin the fleet", "err", err)
 		}
 	}

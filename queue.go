@@ -27,6 +27,8 @@ type querier interface {
 // dispatch, step, cancel, settle and handoff.
 type queries struct {
 	dispatch string
+	traced   string // dispatch that stores the trace context ($7) with the tasks
+	traces   string
 	cancel   string
 	get      string
 	list     string
@@ -43,8 +45,12 @@ func newQueries(schema string) queries {
 	s := pgx.Identifier{schema}.Sanitize()
 	return queries{
 		dispatch: `SELECT id, created_at, ready FROM ` + s + `.dispatch($1, $2, $3, $4, $5, $6)`,
-		cancel:   `SELECT state, ready FROM ` + s + `.cancel($1, $2)`,
-		get:      `SELECT ` + taskCols + ` FROM ` + s + `.tasks WHERE id = $1`,
+		traced: `WITH d AS (SELECT id, created_at, ready FROM ` + s + `.dispatch($1, $2, $3, $4, $5, $6)),
+			tr AS (INSERT INTO ` + s + `.task_traces (task, parent) SELECT id, $7 FROM d)
+			SELECT id, created_at, ready FROM d`,
+		traces: `SELECT task, parent FROM ` + s + `.task_traces WHERE task = ANY ($1)`,
+		cancel: `SELECT state, ready FROM ` + s + `.cancel($1, $2)`,
+		get:    `SELECT ` + taskCols + ` FROM ` + s + `.tasks WHERE id = $1`,
 		list: `SELECT ` + taskCols + ` FROM ` + s + `.tasks
 			WHERE id > $1 AND ($2 = '' OR state = $2) AND ($3 = '' OR name = $3)
 			  AND ($4 = '' OR $4 = ANY(exclusive) OR $4 = ANY(shared))
@@ -80,7 +86,8 @@ func hashKey(space, ns, name string) int64 {
 }
 
 // insert runs the dispatch function. ready: some task was ready at once.
-func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch, autocommit bool) (tasks []*Task, ready bool, err error) {
+// parent, when not empty, is the trace context stored with the tasks.
+func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch, autocommit bool, parent string) (tasks []*Task, ready bool, err error) {
 	names := make([]string, len(b.specs))
 	excl := make([][]string, len(b.specs))
 	shared := make([][]string, len(b.specs))
@@ -96,7 +103,12 @@ func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch, autoc
 	if autocommit {
 		channel = c.bus.autocommitChannel()
 	}
-	rows, err := db.Query(ctx, c.q.dispatch, names, args, string(exclJSON), string(sharedJSON), timeouts, channel)
+	var rows pgx.Rows
+	if parent == "" {
+		rows, err = db.Query(ctx, c.q.dispatch, names, args, string(exclJSON), string(sharedJSON), timeouts, channel)
+	} else {
+		rows, err = db.Query(ctx, c.q.traced, names, args, string(exclJSON), string(sharedJSON), timeouts, channel, parent)
+	}
 	if err != nil {
 		return nil, false, dispatchErr(err)
 	}

@@ -11,6 +11,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/tasking-go/tasking/internal/fleet"
 )
 
@@ -70,19 +72,32 @@ type activeTask struct {
 	names     bool // holds grants
 	lost      bool // grants lost: fail whatever the handler returns
 	abandoned bool // given up at shutdown: its outcome was written for it
+
+	span  trace.Span // the run's span, nil when not tracing
+	began time.Time  // set with metrics only
+}
+
+// ran is how long the handler has run, 0 when not measured.
+func (a *activeTask) ran() time.Duration {
+	if a.began.IsZero() {
+		return 0
+	}
+	return time.Since(a.began)
 }
 
 func newRun(w *Worker, handlers map[string]handler) *run {
 	base, cancelAll := context.WithCancelCause(context.Background())
 	names := make([]string, 0, len(handlers))
-	for n := range handlers {
+	for n, h := range handlers {
 		names = append(names, n)
+		h.fn = chain(h.fn, w.cfg.middleware) // handlers is this run's copy
+		handlers[n] = h
 	}
 	host, _ := os.Hostname()
 	c := w.c
 	r := &run{
 		w: w, c: c, handlers: handlers, names: names,
-		self:          fleet.Worker{Name: w.cfg.name, Host: host, PID: os.Getpid(), Locker: c.locker.Kind(), Handles: names},
+		self:          fleet.Worker{Name: w.cfg.name, Host: host, PID: os.Getpid(), Locker: c.locker.Kind(), Handles: names, Slots: w.cfg.slots},
 		conn:          newWorkerConn(c.pool, "tasking worker"),
 		base:          base,
 		cancelAll:     cancelAll,
@@ -236,13 +251,16 @@ func (r *run) abandon() []int64 {
 		a.abandoned = true
 		delete(r.active, id)
 		r.unsent[id] = struct{}{}
-		outs = append(outs, outcome{task: a.task, state: StateFailed, err: reasonAbandoned, owner: a.names})
+		outs = append(outs, outcome{task: a.task, state: StateFailed, err: reasonAbandoned, owner: a.names, ran: a.ran()})
+		endSpan(a.span, ErrHandlersAbandoned)
 		ids = append(ids, id)
 	}
 	r.mu.Unlock()
 	slices.Sort(ids)
 	r.log.Error("tasking: handlers ignore cancellation; abandoning them and failing their tasks", "tasks", ids)
 	for _, o := range outs {
+		r.failed(context.WithValue(context.Background(), taskKey{}, o.task), o.task,
+			fmt.Errorf("%w: task %d did not return after its context was canceled", ErrHandlersAbandoned, o.task.ID))
 		r.send(o)
 	}
 	return ids

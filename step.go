@@ -72,6 +72,7 @@ func (r *run) loop(ctx context.Context, conn *workerConn) {
 				}
 			case <-r.wake:
 				woken = true
+				r.c.met.wakeup(false)
 				// Right after a small step, wait out a short window so that
 				// the next step takes everything that arrived meanwhile. An
 				// isolated dispatch, or a busy backlog, is not delayed.
@@ -81,6 +82,7 @@ func (r *run) loop(ctx context.Context, conn *workerConn) {
 			case <-poll.C:
 				poll.Reset(r.pollEvery())
 				woken = true
+				r.c.met.wakeup(true)
 			case <-retry:
 				retry, woken = nil, true
 			}
@@ -184,6 +186,7 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 		if err := r.lock.Release(ctx, owners); err != nil {
 			r.log.Warn("tasking: release locks", "err", err)
 		}
+		r.c.met.grants(ctx, -len(owners))
 	}
 
 	sent := time.Now()
@@ -199,9 +202,12 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 		delete(r.unsent, o.task.ID)
 	}
 	r.mu.Unlock()
+	r.c.met.cycle(ctx)
 	for _, o := range outs {
 		if !res.done[o.task.ID] {
 			r.log.Warn("tasking: task was no longer this worker's to finish", "task", o.task.ID)
+		} else {
+			r.c.met.finishedTask(ctx, o)
 		}
 	}
 	if len(outs) > 0 {
@@ -241,6 +247,8 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 					refused = append(refused, t)
 				}
 			}
+			r.c.met.grants(ctx, len(need)-len(refused))
+			r.c.met.refused(ctx, len(refused))
 		}
 	}
 	if late := time.Since(sent); late > r.w.cfg.ttl/3 && len(res.claimed) > 0 {
@@ -256,6 +264,7 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 			if err := r.lock.Release(ctx, ownersOf(reqs)); err != nil {
 				r.log.Warn("tasking: release locks of tasks not started", "err", err)
 			}
+			r.c.met.grants(ctx, -(len(need) - len(refused)))
 		}
 		if err := r.unclaim(ctx, conn, res.claimed); err != nil {
 			r.log.Warn("tasking: put back tasks not started", "err", err)
@@ -274,6 +283,7 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 	if free > 0 {
 		r.setHungry(len(res.claimed) < free)
 	}
+	r.readParents(ctx, conn, res.claimed)
 	skip := make(map[int64]bool, len(refused))
 	for _, t := range refused {
 		skip[t.ID] = true

@@ -13,6 +13,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/tasking-go/tasking/internal/migrate"
 )
@@ -179,6 +181,10 @@ type Task struct {
 	// so a side effect guarded by the token can refuse a stale holder.
 	Fence int64
 
+	// parent is the trace context of the dispatch, read at claim by a
+	// worker that traces.
+	parent trace.SpanContext
+
 	// live is set on the task a handler runs: the result it sets. A Task
 	// read with Get or List has none (and copies of a Task share it).
 	live *liveTask
@@ -241,6 +247,9 @@ type Client struct {
 	checked   bool // schema version matched once
 
 	waits *waiters
+
+	met    *meters      // nil without WithMeterProvider
+	tracer trace.Tracer // nil without WithTracerProvider
 }
 
 // Option configures a Client.
@@ -250,6 +259,9 @@ type clientConfig struct {
 	schema string
 	logger *slog.Logger
 	locker ResourceLocker
+
+	meters  metric.MeterProvider
+	tracers trace.TracerProvider
 }
 
 // WithSchema sets the PostgreSQL schema that holds tasking's tables.
@@ -296,6 +308,16 @@ func New(pool *pgxpool.Pool, opts ...Option) (*Client, error) {
 	}
 	c.bus = newBus(c)
 	c.waits = newWaiters(c)
+	if cfg.meters != nil {
+		m, err := newMeters(c, cfg.meters)
+		if err != nil {
+			return nil, err
+		}
+		c.met = m
+	}
+	if cfg.tracers != nil {
+		c.tracer = cfg.tracers.Tracer(instrumentation)
+	}
 	return c, nil
 }
 
@@ -436,7 +458,7 @@ func (c *Client) DispatchManyTx(ctx context.Context, tx pgx.Tx, specs ...TaskSpe
 	return c.dispatch(ctx, tx, specs, false)
 }
 
-func (c *Client) dispatch(ctx context.Context, db querier, specs []TaskSpec, autocommit bool) ([]*Task, error) {
+func (c *Client) dispatch(ctx context.Context, db querier, specs []TaskSpec, autocommit bool) (_ []*Task, err error) {
 	if len(specs) == 0 {
 		return nil, inputErr("batch", "no tasks to dispatch")
 	}
@@ -447,10 +469,13 @@ func (c *Client) dispatch(ctx context.Context, db querier, specs []TaskSpec, aut
 	if err := c.checkSchema(ctx); err != nil {
 		return nil, err
 	}
-	tasks, ready, err := c.insert(ctx, db, batch, autocommit)
+	ctx, span, parent := c.startDispatchSpan(ctx, batch.specs)
+	tasks, ready, err := c.insert(ctx, db, batch, autocommit, parent)
+	endSpan(span, err)
 	if err != nil {
 		return nil, err
 	}
+	c.met.dispatchedTasks(ctx, batch.specs)
 	if autocommit && ready {
 		c.bus.dispatched(ctx)
 	}

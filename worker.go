@@ -81,6 +81,9 @@ type workerConfig struct {
 	grace time.Duration
 	ttl   time.Duration
 
+	middleware []Middleware // WithMiddleware
+	onError    ErrorHandler // WithErrorHandler
+
 	afterClaim func() // tests: runs between a step's claim and the start of its tasks
 }
 

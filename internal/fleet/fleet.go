@@ -56,6 +56,7 @@ type Worker struct {
 	PID     int
 	Locker  string
 	Handles []string // task names it has handlers for
+	Slots   int      // handlers it runs at once
 }
 
 // ErrKindMismatch: live workers use another kind of locker.
@@ -115,8 +116,9 @@ func (s *Store) Register(ctx context.Context, w Worker, ttl time.Duration) (id i
 				return err
 			}
 		}
-		return tx.QueryRow(ctx, `INSERT INTO `+s.q+`.workers (name, host, pid, locker, handles)
-			VALUES ($1, $2, $3, $4, $5) RETURNING id`, w.Name, w.Host, w.PID, w.Locker, w.Handles).Scan(&id)
+		return tx.QueryRow(ctx, `INSERT INTO `+s.q+`.workers (name, host, pid, locker, handles, slots, ttl_ms)
+			VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id`, w.Name, w.Host, w.PID, w.Locker, w.Handles,
+			w.Slots, ttl.Milliseconds()).Scan(&id)
 	})
 	return id, taken, err
 }
@@ -177,10 +179,10 @@ func (s *Store) Beat(ctx context.Context, id int64, ttl time.Duration) (Beat, er
 // Reinstate puts back the row of a worker that cleanup removed while it was
 // alive (paused). Its id stays the same; every claim has its own epoch, so
 // nothing it wrote before can be confused with what it writes after.
-func (s *Store) Reinstate(ctx context.Context, id int64, w Worker) error {
-	_, err := s.pool.Exec(ctx, `INSERT INTO `+s.q+`.workers (id, name, host, pid, locker, handles)
-		OVERRIDING SYSTEM VALUE VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING`,
-		id, w.Name, w.Host, w.PID, w.Locker, w.Handles)
+func (s *Store) Reinstate(ctx context.Context, id int64, w Worker, ttl time.Duration) error {
+	_, err := s.pool.Exec(ctx, `INSERT INTO `+s.q+`.workers (id, name, host, pid, locker, handles, slots, ttl_ms)
+		OVERRIDING SYSTEM VALUE VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING`,
+		id, w.Name, w.Host, w.PID, w.Locker, w.Handles, w.Slots, ttl.Milliseconds())
 	return err
 }
 
