@@ -54,13 +54,15 @@ type run struct {
 	sendMu        sync.RWMutex // guards closed and sends on results
 	closed        bool
 	wake          chan struct{}
-	wakes         atomic.Uint64 // wake-ups asked for so far (see loop)
-	unwritten     atomic.Int64  // outcomes given up on at shutdown
-	wakeup        coalescer     // wake-ups this worker sends to the others
-	peers         peerTable     // which other workers are hungry (wake_peers.go)
-	hungerSay     coalescer     // this worker's hunger messages
-	live          atomic.Int64  // live workers in the fleet, from the last heartbeat
-	beatLog       failureLog    // heartbeats and cleanups that keep failing are logged once, then summarised
+	wakes         atomic.Uint64   // wake-ups asked for so far (see loop)
+	unwritten     atomic.Int64    // outcomes given up on at shutdown
+	wakeup        coalescer       // wake-ups this worker sends to the others
+	peers         peerTable       // which other workers are hungry (wake_peers.go)
+	hungerSay     coalescer       // this worker's hunger messages
+	msgCtx        context.Context // for messages to the other workers; canceled at shutdown
+	stopMsgs      context.CancelFunc
+	live          atomic.Int64 // live workers in the fleet, from the last heartbeat
+	beatLog       failureLog   // heartbeats and cleanups that keep failing are logged once, then summarised
 	cleanLog      failureLog
 	unhandledSaid map[string]time.Time // names reported by warnUnhandled, and when
 	handlerW      sync.WaitGroup
@@ -109,6 +111,7 @@ func newRun(w *Worker, handlers map[string]handler) *run {
 		wake:          make(chan struct{}, 1),
 		log:           c.log.With("worker", w.cfg.name),
 	}
+	r.msgCtx, r.stopMsgs = context.WithCancel(context.Background())
 	r.lanes = []*workerConn{r.conn}
 	for i := 1; i < w.cfg.conns; i++ {
 		r.lanes = append(r.lanes, newWorkerConn(c.pool, "tasking worker"))
@@ -197,6 +200,11 @@ func (r *run) serve(ctx context.Context, grace func() context.Context) error {
 	loops.Wait()
 	stopBg()
 	bgW.Wait()
+	// Messages to the other workers go out on the worker's connection,
+	// which retire closes: none may be in flight then.
+	r.stopMsgs()
+	r.wakeup.stop()
+	r.hungerSay.stop()
 	var errs []error
 	if len(abandoned) > 0 {
 		errs = append(errs, fmt.Errorf("%w: tasks %v did not return after their context was canceled", ErrHandlersAbandoned, abandoned))

@@ -106,26 +106,42 @@ const notifySpacing = time.Millisecond
 
 // coalescer runs a send at most once at a time, and once more after it if
 // asked again meanwhile: every ask is followed by a send that started after
-// it, and a burst of asks costs two sends, not one each.
+// it, and a burst of asks costs two sends, not one each. After stop, asks
+// are ignored.
 type coalescer struct {
 	mu      sync.Mutex
 	sending bool // a send is in flight
 	again   bool // asked since it started
+	stopped bool
+	wg      sync.WaitGroup
+}
+
+// stop ignores later asks and waits for the send in flight.
+func (c *coalescer) stop() {
+	c.mu.Lock()
+	c.stopped = true
+	c.mu.Unlock()
+	c.wg.Wait()
 }
 
 func (c *coalescer) ask(send func()) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.stopped {
+		return
+	}
 	if c.sending {
 		c.again = true
 		return
 	}
 	c.sending = true
+	c.wg.Add(1)
 	go func() {
+		defer c.wg.Done()
 		for {
 			send()
 			c.mu.Lock()
-			if !c.again {
+			if !c.again || c.stopped {
 				c.sending = false
 				c.mu.Unlock()
 				return

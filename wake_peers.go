@@ -189,7 +189,7 @@ func (r *run) wakeOthers(self bool) {
 // tellPeers sends msg to every worker of the schema: a NOTIFY on the
 // worker's own connection with the PostgreSQL bus, a publish otherwise.
 func (r *run) tellPeers(msg string) bool {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(r.msgCtx, 10*time.Second)
 	defer cancel()
 	var err error
 	if ch := r.c.bus.listenChannel(); ch != "" {
@@ -198,8 +198,10 @@ func (r *run) tellPeers(msg string) bool {
 		err = r.c.bus.tell(ctx, msg)
 	}
 	if err != nil {
-		r.log.Warn("tasking: message to the other workers not sent; they find the tasks on their next poll",
-			"err", err)
+		if r.msgCtx.Err() == nil {
+			r.log.Warn("tasking: message to the other workers not sent; they find the tasks on their next poll",
+				"err", err)
+		}
 		return false
 	}
 	return true
