@@ -9,7 +9,9 @@ import (
 
 // heartbeat beats every TTL/3 in its own goroutine, so handlers never starve
 // it, and runs the fleet's cleanup when it wins the election. It shares the
-// worker's connection with the step loop, whose statements are short.
+// worker's connection with the step loop, whose statements are short; a
+// step refreshes the heartbeat too when it is a third of the TTL old, so a
+// worker that steps stays alive even when its heartbeat is late.
 func (r *run) heartbeat(ctx context.Context) {
 	r.beat(ctx)
 	t := time.NewTicker(r.w.cfg.ttl / 3)
@@ -19,6 +21,9 @@ func (r *run) heartbeat(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		}
+		if r.w.cfg.skipBeat != nil && r.w.cfg.skipBeat() {
+			continue
 		}
 		r.beat(ctx)
 		r.cleanup(ctx)

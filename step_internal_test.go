@@ -2,6 +2,7 @@ package tasking
 
 import (
 	"context"
+	"io"
 	"log/slog"
 	"strings"
 	"sync/atomic"
@@ -52,4 +53,51 @@ func TestPausedClaimNotStarted(t *testing.T) {
 	require.GreaterOrEqual(t, pauses.Load(), int32(2), "claimed twice")
 	require.Equal(t, 2, got.Epoch, "the first claim was put back")
 	require.True(t, strings.Contains(logs.String(), "paused between claim and start"), logs.String())
+}
+
+// TestStepsKeepWorkerAlive: a worker whose heartbeats do not get through (a
+// loaded machine, its connection busy) but whose steps do is not declared
+// lost: steps refresh the heartbeat. Another worker runs the cleanup that
+// would declare it lost.
+func TestStepsKeepWorkerAlive(t *testing.T) {
+	t.Parallel()
+	pool := testdb.Pool(t, 6)
+	c, err := New(pool, WithSchema(testdb.Schema(t, pool)), WithLocker(NewPostgresLocker()),
+		WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))))
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	require.NoError(t, c.Migrate(ctx))
+
+	const ttl = 600 * time.Millisecond
+	run := func(w *Worker) {
+		rctx, stop := context.WithCancel(ctx)
+		done := make(chan error, 1)
+		go func() { done <- w.Run(rctx) }()
+		t.Cleanup(func() { stop(); <-done })
+	}
+	mute := NewWorker(c, WithHeartbeatTTL(ttl), WithSlots(2), WithWorkerName("mute"))
+	mute.cfg.skipBeat = func() bool { return true } // only the first beat, at start
+	mute.Handle("t", func(context.Context, *Task) error { time.Sleep(10 * time.Millisecond); return nil })
+	run(mute)
+	cleaner := NewWorker(c, WithHeartbeatTTL(ttl), WithSlots(1), WithWorkerName("cleaner"))
+	cleaner.Handle("other", func(context.Context, *Task) error { return nil })
+	run(cleaner)
+
+	// Tasks for 4 TTLs, one after the other: the mute worker steps all along.
+	deadline := time.Now().Add(4 * ttl)
+	n := 0
+	for time.Now().Before(deadline) {
+		task, err := c.Dispatch(ctx, "t", nil, Exclusive("r"))
+		require.NoError(t, err)
+		wctx, wcancel := context.WithTimeout(ctx, 5*time.Second)
+		got, err := c.Wait(wctx, task.ID)
+		wcancel()
+		require.NoError(t, err, "task %d not final: its worker was declared lost?", task.ID)
+		require.Equal(t, StateCompleted, got.State, "task %d: %s", task.ID, got.Error)
+		n++
+	}
+	var alive bool
+	require.NoError(t, pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM `+pgIdent(c.Schema())+`.workers WHERE name = 'mute')`).Scan(&alive))
+	require.True(t, alive, "the stepping worker was declared lost (after %d tasks)", n)
 }

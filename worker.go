@@ -84,7 +84,8 @@ type workerConfig struct {
 	middleware []Middleware // WithMiddleware
 	onError    ErrorHandler // WithErrorHandler
 
-	afterClaim func() // tests: runs between a step's claim and the start of its tasks
+	afterClaim func()      // tests: runs between a step's claim and the start of its tasks
+	skipBeat   func() bool // tests: true skips a heartbeat (and its cleanup)
 }
 
 // WithSlots sets how many handlers run at once. Default: 16.
