@@ -45,6 +45,7 @@ func main() {
 	flag.IntVar(&cfg.Repeat, "repeat", 1, "runs per locker, interleaved; the tables show the median run")
 	poolConns := flag.Int("pool", 0, "max connections of each worker process's pool (0: pgx's default, max(4, cores))")
 	flag.IntVar(&cfg.PgBouncer, "pgbouncer", 0, "N > 0: start a throwaway PgBouncer (transaction pooling, N server connections) and point the worker processes at it; dispatch and measurement stay direct")
+	flag.IntVar(&cfg.Conns, "conns", 0, "connections of each worker process (tasking.WithConnections; 0: its default, 1, or 2 from 32 slots)")
 	flag.DurationVar(&cfg.Poll, "poll", time.Second, "workers' fallback poll interval (tasking.WithPollInterval)")
 	flag.StringVar(&cfg.Out, "out", "bench", "prefix of the output files <out>.json and <out>.svg")
 	flag.StringVar(&cfg.DSN, "dsn", "", "PostgreSQL URL (default $TASKING_DATABASE_URL, else "+dsnFallback+")")

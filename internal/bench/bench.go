@@ -52,6 +52,7 @@ type Config struct {
 	MaxDrain    time.Duration // stop this long after the workers started, and measure the tasks done (0: no limit)
 	Repeat      int           // trials per locker, interleaved; the report shows medians
 	PoolConns   int32         // worker pool size per process (0: pgx's default)
+	Conns       int           // tasking.WithConnections of each worker process (0: its default)
 	Poll        time.Duration // worker fallback poll interval
 	Out         string        // output prefix: <out>.json, <out>.svg
 	DSN, Redis  string
@@ -142,6 +143,7 @@ type reportConfig struct {
 	MaxDrain    string   `json:"max_drain,omitempty"`
 	Repeat      int      `json:"repeat"`
 	PoolConns   int32    `json:"pool_conns"`
+	Conns       int      `json:"conns,omitempty"`
 	PgBouncer   int      `json:"pgbouncer_pool,omitempty"`
 	PgBouncerV  string   `json:"pgbouncer_version,omitempty"`
 	Seed        uint64   `json:"seed"`
@@ -191,7 +193,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		Lockers: cfg.Lockers, Workload: cfg.Workload, Mode: cfg.Mode, Tasks: cfg.Tasks, Slots: cfg.Slots,
 		Procs: cfg.Procs, Body: bodyString(cfg.Body), Rate: cfg.Rate, Dispatchers: cfg.Dispatchers,
 		Batch: cfg.Batch, StopAfter: cfg.StopAfter, Repeat: cfg.Repeat, PoolConns: cfg.PoolConns,
-		PgBouncer: cfg.PgBouncer, Seed: cfg.Seed, GOMAXPROCS: numCPU(),
+		Conns: cfg.Conns, PgBouncer: cfg.PgBouncer, Seed: cfg.Seed, GOMAXPROCS: numCPU(),
 	}}
 	if cfg.MaxDrain > 0 {
 		rep.Config.MaxDrain = cfg.MaxDrain.String()
@@ -384,7 +386,7 @@ func (t *trial) run(ctx context.Context) (res *Result, err error) {
 			slots++
 		}
 		specs[i] = workerSpec{DSN: cfg.DSN, Schema: t.schema, Locker: t.locker, Redis: cfg.Redis,
-			Namespace: t.schema, Slots: slots, PoolConns: cfg.PoolConns, Body: cfg.Body, Poll: cfg.Poll,
+			Namespace: t.schema, Slots: slots, PoolConns: cfg.PoolConns, Conns: cfg.Conns, Body: cfg.Body, Poll: cfg.Poll,
 			Index: i, LogLevel: cfg.LogLevel}
 		if t.bouncer != nil {
 			specs[i].DSN, specs[i].PgBouncer = t.bouncer.dsn, true

@@ -29,6 +29,7 @@ type workerSpec struct {
 	Namespace  string        `json:"namespace"`
 	Slots      int           `json:"slots"`
 	PoolConns  int32         `json:"pool_conns"` // 0: pgx's default
+	Conns      int           `json:"conns"`      // tasking.WithConnections; 0: its default
 	Body       time.Duration `json:"body"`
 	Poll       time.Duration `json:"poll"`
 	Index      int           `json:"index"`
@@ -138,8 +139,12 @@ func runWorker(ctx context.Context, spec workerSpec, start <-chan struct{}, emit
 	if err != nil {
 		return err
 	}
-	w := tasking.NewWorker(client, tasking.WithSlots(spec.Slots), tasking.WithPollInterval(spec.Poll),
-		tasking.WithWorkerName(fmt.Sprintf("bench-%s-%d-%d", spec.Locker, spec.Index, os.Getpid())))
+	wopts := []tasking.WorkerOption{tasking.WithSlots(spec.Slots), tasking.WithPollInterval(spec.Poll),
+		tasking.WithWorkerName(fmt.Sprintf("bench-%s-%d-%d", spec.Locker, spec.Index, os.Getpid()))}
+	if spec.Conns > 0 {
+		wopts = append(wopts, tasking.WithConnections(spec.Conns))
+	}
+	w := tasking.NewWorker(client, wopts...)
 	var done atomic.Int64
 	body := spec.Body
 	handler := func(ctx context.Context, _ *tasking.Task) error {
