@@ -24,6 +24,16 @@
 // error fails the task with its text; a panic fails it with the panic value
 // and stack, and the worker carries on.
 //
+// # Report progress
+//
+// A handler reports how far it has got with [Task.ReportProgress]: one or
+// more named reports, each with a message, done and total counts and a
+// state ([Progress], Pulp's progress reports). [Client.Get] and
+// [Client.List] show them in [Task.Progress] while the task runs. Call it
+// as often as you like: the worker writes the latest reports of all its
+// tasks in one statement, at most every 250 ms, and the last reports of a
+// task go to the database with its final state, never after it.
+//
 // # Dispatch with resources
 //
 // Create a [Client] over your *pgxpool.Pool, migrate once, and dispatch:

@@ -3,6 +3,7 @@ package tasking
 import (
 	"cmp"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"runtime/debug"
@@ -11,17 +12,18 @@ import (
 
 // outcome is a handler's end, to be written by the next step.
 type outcome struct {
-	task  *Task
-	state State
-	err   string
-	owner bool          // holds locker grants to release
-	ran   time.Duration // how long the handler ran
+	task     *Task
+	state    State
+	err      string
+	owner    bool            // holds locker grants to release
+	ran      time.Duration   // how long the handler ran
+	progress json.RawMessage // the last progress reports, nil for none
 }
 
 // start runs t's handler in its own goroutine. Its outcome goes to the step
 // loop, which writes it in its next step.
 func (r *run) start(t *Task) {
-	t.live = &liveTask{}
+	t.live = &liveTask{mark: r.progress.mark}
 	h := r.handlers[t.Name]
 	hctx, cancel := context.WithCancelCause(r.base)
 	hctx = context.WithValue(hctx, taskKey{}, t)
@@ -82,7 +84,9 @@ func (r *run) settleHandler(hctx context.Context, t *Task, a *activeTask, err er
 	a.cancel(nil)
 	delete(r.active, t.ID)
 	r.unsent[t.ID] = struct{}{}
-	o := outcome{task: t, state: StateCompleted, owner: a.names, ran: a.ran()}
+	// The last progress reports go with the final state, in one write.
+	o := outcome{task: t, state: StateCompleted, owner: a.names, ran: a.ran(), progress: t.live.endProgress()}
+	r.progress.forget(t)
 	var why error // for the error handler
 	switch {
 	case a.lost:

@@ -35,11 +35,12 @@ type queries struct {
 	finals   string
 	step     string
 	unclaim  string
+	progress string
 }
 
 const taskCols = `id, name, args, exclusive, shared, state, coalesce(worker_id, 0), epoch,
 	created_at, coalesce(started_at, 'epoch'), coalesce(finished_at, 'epoch'), coalesce(error, ''), result,
-	coalesce(timeout_ms, 0)`
+	coalesce(timeout_ms, 0), progress`
 
 func newQueries(schema string) queries {
 	s := pgx.Identifier{schema}.Sanitize()
@@ -58,7 +59,12 @@ func newQueries(schema string) queries {
 		finals: `SELECT ` + taskCols + ` FROM ` + s + `.tasks
 			WHERE id = ANY($1) AND state IN ('completed', 'failed', 'canceled')`,
 		step: `SELECT kind, id, name, args, exclusive, shared, epoch, created_at, started_at, timeout_ms
-			FROM ` + s + `.step($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)`,
+			FROM ` + s + `.step($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)`,
+		// Progress reports of running tasks (progress.go), guarded by
+		// worker, epoch and state like every write of a worker.
+		progress: `UPDATE ` + s + `.tasks t SET progress = v.p::jsonb
+			FROM unnest($2::bigint[], $3::int[], $4::text[]) AS v(id, epoch, p)
+			WHERE t.id = v.id AND t.worker_id = $1 AND t.epoch = v.epoch AND t.state IN ('running', 'canceling')`,
 		// Puts back tasks this worker claimed but will not run (their locks
 		// were refused, or the step's reply was lost), guarded by owner and
 		// epoch. Their line entries never left: they keep their place.
@@ -162,10 +168,16 @@ func scanTask(row pgx.Row) (*Task, error) {
 	var state string
 	var args, result []byte
 	var timeoutMS int64
+	var progress []byte
 	err := row.Scan(&t.ID, &t.Name, &args, &t.Exclusive, &t.Shared, &state, &t.WorkerID, &t.Epoch,
-		&t.CreatedAt, &t.StartedAt, &t.FinishedAt, &t.Error, &result, &timeoutMS)
+		&t.CreatedAt, &t.StartedAt, &t.FinishedAt, &t.Error, &result, &timeoutMS, &progress)
 	if err != nil {
 		return nil, err
+	}
+	if progress != nil {
+		if err := json.Unmarshal(progress, &t.Progress); err != nil {
+			return nil, fmt.Errorf("progress of task %d: %w", t.ID, err)
+		}
 	}
 	t.State = State(state)
 	t.Timeout = time.Duration(timeoutMS) * time.Millisecond
@@ -222,17 +234,21 @@ type stepResult struct {
 func (c *Client) step(ctx context.Context, conn *workerConn, worker int64, outs []outcome, names []string, free int, fresh time.Duration, locks bool) (stepResult, error) {
 	n := len(outs)
 	ids, epochs := make([]int64, n), make([]int32, n)
-	states, errs, results := make([]string, n), make([]string, n), make([]*string, n)
+	states, errs, results, progress := make([]string, n), make([]string, n), make([]*string, n), make([]*string, n)
 	for i, o := range outs {
 		ids[i], epochs[i], states[i], errs[i] = o.task.ID, int32(o.task.Epoch), string(o.state), o.err
 		if r := o.task.takeResult(); r != nil {
 			s := string(r)
 			results[i] = &s
 		}
+		if o.progress != nil {
+			s := string(o.progress)
+			progress[i] = &s
+		}
 	}
 	res := stepResult{done: make(map[int64]bool, n)}
 	err := conn.use(ctx, func(conn *pgx.Conn) error {
-		rows, err := conn.Query(ctx, c.q.step, worker, ids, epochs, states, errs, results, names, free, fresh.Milliseconds(), locks)
+		rows, err := conn.Query(ctx, c.q.step, worker, ids, epochs, states, errs, results, names, free, fresh.Milliseconds(), locks, progress)
 		if err != nil {
 			return err
 		}

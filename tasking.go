@@ -176,6 +176,11 @@ type Task struct {
 	Error      string
 	Result     json.RawMessage
 
+	// Progress holds the task's progress reports, in the order their names
+	// were first reported ([Task.ReportProgress]): the latest written while
+	// it runs (at most 250 ms old, normally), the last ones once it is final.
+	Progress []Progress
+
 	// Fence is the fencing token of the task's lock grant while a handler
 	// runs it (0 for a task without resources). Tokens grow with every grant,
 	// so a side effect guarded by the token can refuse a stale holder.
@@ -193,6 +198,11 @@ type Task struct {
 type liveTask struct {
 	mu     sync.Mutex
 	result json.RawMessage
+
+	progress []Progress  // see progress.go
+	dirty    bool        // progress changed since it was last written
+	ended    bool        // the handler returned: no more reports
+	mark     func(*Task) // queues the task's progress for its worker's next write
 }
 
 // ErrNotRunning: SetResult was called on a task that no handler of this
