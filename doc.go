@@ -24,6 +24,20 @@
 // error fails the task with its text; a panic fails it with the panic value
 // and stack, and the worker carries on.
 //
+// # Child tasks
+//
+// A task dispatched with the context of a running handler (or one derived
+// from it) records the handler's task as its [Task.Parent], with every
+// Dispatch function, and joins that task's group unless [InGroup] says
+// otherwise ([NoGroup] for none). [ListFilter] selects by Parent and by
+// Group:
+//
+//	tasking.HandleFunc(w, "sync", func(ctx context.Context, repo string) error {
+//		_, err := client.Dispatch(ctx, "publish", repo, tasking.Exclusive("repo:"+repo))
+//		return err
+//	})
+//	children, _, err := client.List(ctx, tasking.ListFilter{Parent: sync.ID})
+//
 // # Report progress
 //
 // A handler reports how far it has got with [Task.ReportProgress]: one or

@@ -29,6 +29,8 @@ type queries struct {
 	dispatch string
 	traced   string // dispatch that stores the trace context ($7) with the tasks
 	traces   string
+	related  string // dispatch_related, for tasks with a parent or a group
+	relTrace string // related that stores the trace context ($9) with the tasks
 	cancel   string
 	get      string
 	list     string
@@ -36,11 +38,17 @@ type queries struct {
 	step     string
 	unclaim  string
 	progress string
+
+	createGroup string
+	markGroup   string
+	getGroup    string
+	cancelGroup string
+	groupsDone  string
 }
 
 const taskCols = `id, name, args, exclusive, shared, state, coalesce(worker_id, 0), epoch,
 	created_at, coalesce(started_at, 'epoch'), coalesce(finished_at, 'epoch'), coalesce(error, ''), result,
-	coalesce(timeout_ms, 0), progress`
+	coalesce(timeout_ms, 0), progress, coalesce(parent_id, 0), coalesce(group_id, 0)`
 
 func newQueries(schema string) queries {
 	s := pgx.Identifier{schema}.Sanitize()
@@ -49,12 +57,18 @@ func newQueries(schema string) queries {
 		traced: `WITH d AS (SELECT id, created_at, ready FROM ` + s + `.dispatch($1, $2, $3, $4, $5, $6)),
 			tr AS (INSERT INTO ` + s + `.task_traces (task, parent) SELECT id, $7 FROM d)
 			SELECT id, created_at, ready FROM d`,
-		traces: `SELECT task, parent FROM ` + s + `.task_traces WHERE task = ANY ($1)`,
+		traces:  `SELECT task, parent FROM ` + s + `.task_traces WHERE task = ANY ($1)`,
+		related: `SELECT id, created_at, ready, coalesce(group_id, 0) FROM ` + s + `.dispatch_related($1, $2, $3, $4, $5, $6, $7, $8)`,
+		relTrace: `WITH d AS (SELECT id, created_at, ready, coalesce(group_id, 0) AS g
+			                FROM ` + s + `.dispatch_related($1, $2, $3, $4, $5, $6, $7, $8)),
+			tr AS (INSERT INTO ` + s + `.task_traces (task, parent) SELECT id, $9 FROM d)
+			SELECT id, created_at, ready, g FROM d`,
 		cancel: `SELECT state, ready FROM ` + s + `.cancel($1, $2)`,
 		get:    `SELECT ` + taskCols + ` FROM ` + s + `.tasks WHERE id = $1`,
 		list: `SELECT ` + taskCols + ` FROM ` + s + `.tasks
 			WHERE id > $1 AND ($2 = '' OR state = $2) AND ($3 = '' OR name = $3)
 			  AND ($4 = '' OR $4 = ANY(exclusive) OR $4 = ANY(shared))
+			  AND ($6 = 0 OR parent_id = $6) AND ($7 = 0 OR group_id = $7)
 			ORDER BY id LIMIT $5`,
 		finals: `SELECT ` + taskCols + ` FROM ` + s + `.tasks
 			WHERE id = ANY($1) AND state IN ('completed', 'failed', 'canceled')`,
@@ -65,6 +79,21 @@ func newQueries(schema string) queries {
 		progress: `UPDATE ` + s + `.tasks t SET progress = v.p::jsonb
 			FROM unnest($2::bigint[], $3::int[], $4::text[]) AS v(id, epoch, p)
 			WHERE t.id = v.id AND t.worker_id = $1 AND t.epoch = v.epoch AND t.state IN ('running', 'canceling')`,
+
+		createGroup: `INSERT INTO ` + s + `.groups DEFAULT VALUES RETURNING id, created_at`,
+		markGroup:   `UPDATE ` + s + `.groups SET all_dispatched = true WHERE id = $1`,
+		getGroup: `SELECT g.id, g.created_at, g.all_dispatched, g.canceled,
+			       coalesce(c.states, '{}'), coalesce(c.counts, '{}')
+			  FROM ` + s + `.groups g
+			  LEFT JOIN LATERAL (SELECT array_agg(x.state) AS states, array_agg(x.n) AS counts
+			                       FROM (SELECT t.state, count(*) AS n FROM ` + s + `.tasks t
+			                              WHERE t.group_id = g.id GROUP BY t.state) x) c ON true
+			 WHERE g.id = $1`,
+		cancelGroup: `SELECT id, state, ready FROM ` + s + `.cancel_group($1, $2)`,
+		groupsDone: `SELECT g.id FROM ` + s + `.groups g
+			WHERE g.id = ANY($1) AND g.all_dispatched
+			  AND NOT EXISTS (SELECT 1 FROM ` + s + `.tasks t
+			                   WHERE t.group_id = g.id AND t.state IN ('waiting', 'running', 'canceling'))`,
 		// Puts back tasks this worker claimed but will not run (their locks
 		// were refused, or the step's reply was lost), guarded by owner and
 		// epoch. Their line entries never left: they keep their place.
@@ -91,17 +120,23 @@ func hashKey(space, ns, name string) int64 {
 	return int64(binary.BigEndian.Uint64(h.Sum(sum[:0])))
 }
 
-// insert runs the dispatch function. ready: some task was ready at once.
-// parent, when not empty, is the trace context stored with the tasks.
-func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch, autocommit bool, parent string) (tasks []*Task, ready bool, err error) {
+// insert runs the dispatch function (dispatch_related for tasks with a
+// parent or a group). ready: some task was ready at once. trace, when not
+// empty, is the trace context stored with the tasks; parent is the id of
+// the task whose handler dispatches them, 0 if none.
+func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch, autocommit bool, trace string, parent int64) (tasks []*Task, ready bool, err error) {
 	names := make([]string, len(b.specs))
 	excl := make([][]string, len(b.specs))
 	shared := make([][]string, len(b.specs))
 	args := make([]string, len(b.specs))
 	timeouts := make([]int64, len(b.specs))
+	groups := make([]int64, len(b.specs))
+	related := parent != 0
 	for i, s := range b.specs {
 		names[i], excl[i], shared[i], args[i] = s.Name, s.Exclusive, s.Shared, string(b.args[i])
 		timeouts[i] = s.Timeout.Milliseconds()
+		groups[i] = s.Group
+		related = related || s.Group > 0
 	}
 	exclJSON, _ := json.Marshal(excl)
 	sharedJSON, _ := json.Marshal(shared)
@@ -110,10 +145,15 @@ func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch, autoc
 		channel = c.bus.autocommitChannel()
 	}
 	var rows pgx.Rows
-	if parent == "" {
+	switch {
+	case related && trace != "":
+		rows, err = db.Query(ctx, c.q.relTrace, names, args, string(exclJSON), string(sharedJSON), timeouts, channel, parent, groups, trace)
+	case related:
+		rows, err = db.Query(ctx, c.q.related, names, args, string(exclJSON), string(sharedJSON), timeouts, channel, parent, groups)
+	case trace != "":
+		rows, err = db.Query(ctx, c.q.traced, names, args, string(exclJSON), string(sharedJSON), timeouts, channel, trace)
+	default:
 		rows, err = db.Query(ctx, c.q.dispatch, names, args, string(exclJSON), string(sharedJSON), timeouts, channel)
-	} else {
-		rows, err = db.Query(ctx, c.q.traced, names, args, string(exclJSON), string(sharedJSON), timeouts, channel, parent)
 	}
 	if err != nil {
 		return nil, false, dispatchErr(err)
@@ -121,12 +161,17 @@ func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch, autoc
 	type inserted struct {
 		id      int64
 		created time.Time
+		group   int64
 	}
 	var got []inserted
 	for rows.Next() {
 		var r inserted
 		var rd bool
-		if err := rows.Scan(&r.id, &r.created, &rd); err != nil {
+		dest := []any{&r.id, &r.created, &rd}
+		if related {
+			dest = append(dest, &r.group)
+		}
+		if err := rows.Scan(dest...); err != nil {
 			rows.Close()
 			return nil, false, fmt.Errorf("tasking: dispatch: %w", err)
 		}
@@ -146,7 +191,7 @@ func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch, autoc
 		s := b.specs[i]
 		tasks[i] = &Task{
 			ID: r.id, Name: s.Name, Args: b.args[i], Exclusive: s.Exclusive, Shared: s.Shared,
-			State: StateWaiting, CreatedAt: r.created, Timeout: s.Timeout,
+			State: StateWaiting, CreatedAt: r.created, Timeout: s.Timeout, Parent: parent, Group: r.group,
 		}
 	}
 	return tasks, ready, nil
@@ -160,6 +205,9 @@ func dispatchErr(err error) error {
 	if errors.As(err, &pgErr) && strings.HasPrefix(pgErr.Code, "22") {
 		return &InputError{Field: "args", Problem: "PostgreSQL cannot store them: " + pgErr.Message}
 	}
+	if err := groupErr(err); err != nil {
+		return err
+	}
 	return fmt.Errorf("tasking: dispatch: %w", err)
 }
 
@@ -170,7 +218,7 @@ func scanTask(row pgx.Row) (*Task, error) {
 	var timeoutMS int64
 	var progress []byte
 	err := row.Scan(&t.ID, &t.Name, &args, &t.Exclusive, &t.Shared, &state, &t.WorkerID, &t.Epoch,
-		&t.CreatedAt, &t.StartedAt, &t.FinishedAt, &t.Error, &result, &timeoutMS, &progress)
+		&t.CreatedAt, &t.StartedAt, &t.FinishedAt, &t.Error, &result, &timeoutMS, &progress, &t.Parent, &t.Group)
 	if err != nil {
 		return nil, err
 	}
@@ -289,6 +337,8 @@ type ListFilter struct {
 	State    State  // only tasks in this state
 	Name     string // only tasks with this name
 	Resource string // only tasks naming this resource, in either mode
+	Parent   int64  // only the tasks dispatched by this task's handler
+	Group    int64  // only the tasks in this group
 	After    int64  // cursor: only tasks with a larger id (pass the previous page's next)
 	Limit    int    // page size; default 100, at most 10,000
 }
@@ -314,7 +364,7 @@ func (c *Client) List(ctx context.Context, f ListFilter) ([]*Task, int64, error)
 	if err := c.checkSchema(ctx); err != nil {
 		return nil, 0, err
 	}
-	rows, err := c.pool.Query(ctx, c.q.list, f.After, string(f.State), f.Name, f.Resource, f.Limit+1)
+	rows, err := c.pool.Query(ctx, c.q.list, f.After, string(f.State), f.Name, f.Resource, f.Limit+1, f.Parent, f.Group)
 	if err != nil {
 		return nil, 0, fmt.Errorf("tasking: list tasks: %w", err)
 	}

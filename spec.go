@@ -35,7 +35,10 @@ func prepareBatch(specs []TaskSpec) (*preparedBatch, error) {
 		if s.Timeout < 0 || (s.Timeout > 0 && s.Timeout < time.Millisecond) {
 			return nil, inputErr("timeout", "%v, need at least 1ms (or 0 for none)", s.Timeout)
 		}
-		b.specs[i] = TaskSpec{Name: s.Name, Exclusive: excl, Shared: shared, Timeout: s.Timeout}
+		if s.Group < NoGroup {
+			return nil, inputErr("group", "%d, need a group id, 0 (the parent's) or NoGroup", s.Group)
+		}
+		b.specs[i] = TaskSpec{Name: s.Name, Exclusive: excl, Shared: shared, Timeout: s.Timeout, Group: s.Group}
 		b.args[i] = a
 	}
 	return b, nil

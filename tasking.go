@@ -175,6 +175,8 @@ type Task struct {
 	FinishedAt time.Time // zero until final
 	Error      string
 	Result     json.RawMessage
+	Parent     int64 // the task whose handler dispatched it, 0 if none
+	Group      int64 // the group it belongs to, 0 if none
 
 	// Progress holds the task's progress reports, in the order their names
 	// were first reported ([Task.ReportProgress]): the latest written while
@@ -409,6 +411,22 @@ type TaskSpec struct {
 	Exclusive []string
 	Shared    []string
 	Timeout   time.Duration // 0: none
+
+	// Group is the group the task joins: 0 for the group of the task whose
+	// handler dispatches it (none outside a handler, or when that task has
+	// none), [NoGroup] for none, else a group's id ([Client.CreateGroup]).
+	Group int64
+}
+
+// NoGroup as [TaskSpec.Group] (or [InGroup]) keeps a task out of every
+// group, even when its parent is in one.
+const NoGroup int64 = -1
+
+// InGroup puts the task in group id ([Client.CreateGroup]), or in none for
+// [NoGroup]. Default: the group of the task whose handler dispatches it, if
+// any.
+func InGroup(id int64) DispatchOption {
+	return func(s *TaskSpec) { s.Group = id }
 }
 
 // Spec builds a TaskSpec for [Client.DispatchMany].
@@ -422,6 +440,11 @@ func Spec(name string, args any, opts ...DispatchOption) TaskSpec {
 
 // Dispatch stores a waiting task and returns it. Tasks that conflict with it
 // run before it if dispatched earlier, after it if dispatched later.
+//
+// Called with the context of a running handler (or one derived from it),
+// the task records the handler's task as its [Task.Parent], and joins that
+// task's group unless [InGroup] says otherwise. The same holds for every
+// Dispatch function.
 func (c *Client) Dispatch(ctx context.Context, name string, args any, opts ...DispatchOption) (*Task, error) {
 	ts, err := c.DispatchMany(ctx, Spec(name, args, opts...))
 	if err != nil {
@@ -479,8 +502,8 @@ func (c *Client) dispatch(ctx context.Context, db querier, specs []TaskSpec, aut
 	if err := c.checkSchema(ctx); err != nil {
 		return nil, err
 	}
-	ctx, span, parent := c.startDispatchSpan(ctx, batch.specs)
-	tasks, ready, err := c.insert(ctx, db, batch, autocommit, parent)
+	ctx, span, trace := c.startDispatchSpan(ctx, batch.specs)
+	tasks, ready, err := c.insert(ctx, db, batch, autocommit, trace, parentOf(ctx))
 	endSpan(span, err)
 	if err != nil {
 		return nil, err
@@ -490,6 +513,15 @@ func (c *Client) dispatch(ctx context.Context, db querier, specs []TaskSpec, aut
 		c.bus.dispatched(ctx)
 	}
 	return tasks, nil
+}
+
+// parentOf is the id of the task whose handler runs with ctx in this
+// process, 0 if none.
+func parentOf(ctx context.Context) int64 {
+	if t := TaskFromContext(ctx); t != nil && t.live != nil {
+		return t.ID
+	}
+	return 0
 }
 
 // Notify wakes the client's workers now, so they look for waiting tasks.

@@ -88,3 +88,113 @@ BEGIN
 END
 $$;
 
+
+-- Parent and child tasks, task groups. A task dispatched from inside a
+-- running handler records that task as its parent; a task may belong to a
+-- group. Both are set by dispatch_related in the dispatching transaction, so
+-- a task is never visible without them.
+ALTER TABLE {{schema}}.tasks ADD COLUMN parent_id bigint, ADD COLUMN group_id bigint;
+CREATE INDEX tasks_parent_idx ON {{schema}}.tasks (parent_id, id) WHERE parent_id IS NOT NULL;
+CREATE INDEX tasks_group_idx ON {{schema}}.tasks (group_id, id) WHERE group_id IS NOT NULL;
+-- A group's tasks that are not final: is the group done?
+CREATE INDEX tasks_group_open_idx ON {{schema}}.tasks (group_id)
+    WHERE group_id IS NOT NULL AND state IN ('waiting', 'running', 'canceling');
+
+-- A group is done when all_dispatched is set and every task in it is final.
+-- Cancelling a group sets canceled (and all_dispatched: nothing more may
+-- join it).
+CREATE TABLE {{schema}}.groups (
+    id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    all_dispatched boolean     NOT NULL DEFAULT false,
+    canceled       boolean     NOT NULL DEFAULT false
+);
+
+-- dispatch_related is dispatch for tasks with a parent or a group; dispatch
+-- itself is unchanged, and plain dispatches keep calling it. p_groups holds
+-- one entry per task: 0 for the parent's group (none without a parent), -1
+-- for none, else a group id. The groups named are locked FOR SHARE, in id
+-- order, before dispatch takes its locks: a group's cancel (FOR UPDATE) and
+-- its all-dispatched mark therefore come strictly before or after the
+-- dispatch, never in between. A group that is canceled refuses tasks
+-- (SQLSTATE TG002), and so does one marked all-dispatched (TG003), except for
+-- the children of a task that is in it and not final: the group is not done
+-- while their parent runs, so they belong to the work it stands for. An
+-- unknown group is TG001, an unknown parent TG004.
+CREATE FUNCTION {{schema}}.dispatch_related(
+    p_names text[], p_args jsonb[], p_excl jsonb, p_shared jsonb, p_timeouts bigint[], p_channel text,
+    p_parent bigint, p_groups bigint[])
+RETURNS TABLE (id bigint, created_at timestamptz, ready boolean, group_id bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    pgroup bigint;
+    plive  boolean := false;
+    gs     bigint[];
+    g      record;
+    ids    bigint[];
+    cr     timestamptz[];
+    rd     boolean[];
+BEGIN
+    IF p_parent <> 0 THEN
+        SELECT t.group_id, t.state NOT IN ('completed', 'failed', 'canceled') INTO pgroup, plive
+          FROM {{schema}}.tasks t WHERE t.id = p_parent;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'tasking: parent task % not found', p_parent USING ERRCODE = 'TG004';
+        END IF;
+    END IF;
+    gs := ARRAY(SELECT CASE WHEN x = 0 THEN pgroup WHEN x < 0 THEN NULL ELSE x END
+                  FROM unnest(p_groups) WITH ORDINALITY AS u(x, o) ORDER BY o);
+    FOR g IN SELECT gr.id, gr.all_dispatched, gr.canceled FROM {{schema}}.groups gr
+              WHERE gr.id = ANY (gs) ORDER BY gr.id FOR SHARE LOOP
+        IF g.canceled THEN
+            RAISE EXCEPTION 'tasking: group % is canceled', g.id USING ERRCODE = 'TG002';
+        ELSIF g.all_dispatched AND NOT (plive AND g.id = pgroup) THEN
+            RAISE EXCEPTION 'tasking: group % is marked all dispatched', g.id USING ERRCODE = 'TG003';
+        END IF;
+    END LOOP;
+    IF EXISTS (SELECT 1 FROM unnest(gs) x WHERE x IS NOT NULL
+                AND NOT EXISTS (SELECT 1 FROM {{schema}}.groups gr WHERE gr.id = x)) THEN
+        RAISE EXCEPTION 'tasking: group % not found',
+            (SELECT min(x) FROM unnest(gs) x WHERE NOT EXISTS (SELECT 1 FROM {{schema}}.groups gr WHERE gr.id = x))
+            USING ERRCODE = 'TG001';
+    END IF;
+    -- Ids come in batch order.
+    SELECT array_agg(d.id ORDER BY d.id), array_agg(d.created_at ORDER BY d.id), array_agg(d.ready ORDER BY d.id)
+      INTO ids, cr, rd
+      FROM {{schema}}.dispatch(p_names, p_args, p_excl, p_shared, p_timeouts, p_channel) d;
+    UPDATE {{schema}}.tasks t SET parent_id = nullif(p_parent, 0), group_id = u.g
+      FROM unnest(ids, gs) AS u(id, g)
+     WHERE t.id = u.id;
+    RETURN QUERY SELECT u.id, u.cr, u.rd, u.g FROM unnest(ids, cr, rd, gs) AS u(id, cr, rd, g);
+END
+$$;
+
+-- cancel_group marks a group canceled and all dispatched, then cancels its
+-- waiting and running tasks one by one, oldest first, with cancel: a waiting
+-- task ends canceled at once and leaves its lines (settle), a running one
+-- becomes canceling and its worker is told, exactly as for a single cancel.
+-- The group's row lock waits for the dispatches into the group in flight,
+-- and makes later ones fail: no task joins the group after the cancel. Rows:
+-- one per task it changed, with cancel's result. A task being claimed at the
+-- same time is either claimed first (and then made canceling) or canceled
+-- while waiting (and the claim skips it): the row lock orders the two.
+CREATE FUNCTION {{schema}}.cancel_group(p_group bigint, p_channel text)
+RETURNS TABLE (id bigint, state text, ready integer)
+LANGUAGE plpgsql AS $$
+DECLARE
+    t bigint;
+    c record;
+BEGIN
+    UPDATE {{schema}}.groups g SET canceled = true, all_dispatched = true WHERE g.id = p_group;
+    FOR t IN SELECT x.id FROM {{schema}}.tasks x
+              WHERE x.group_id = p_group AND x.state IN ('waiting', 'running') ORDER BY x.id LOOP
+        SELECT * INTO c FROM {{schema}}.cancel(t, p_channel);
+        IF c.state IS NOT NULL THEN
+            id := t;
+            state := c.state;
+            ready := c.ready;
+            RETURN NEXT;
+        END IF;
+    END LOOP;
+END
+$$;
