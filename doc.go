@@ -24,6 +24,22 @@
 // error fails the task with its text; a panic fails it with the panic value
 // and stack, and the worker carries on.
 //
+// # Task groups
+//
+// A group is a set of tasks waited for and canceled as one (Pulp's task
+// groups). [Client.DispatchGroup] creates one, fills it and marks it all
+// dispatched in one transaction; or fill it over time: [Client.CreateGroup],
+// dispatch with [InGroup], then [Client.MarkAllDispatched]. A group is done
+// when it is marked all dispatched and every task in it is final.
+// [Client.GetGroup] reads its state and its tasks counted per state,
+// [Client.WaitGroup] waits until it is done, and [Client.CancelGroup]
+// cancels it: its waiting tasks at once, its running ones as [Client.Cancel]
+// does, and no task joins it any more ([ErrGroupCanceled]). A group marked
+// all dispatched takes no new tasks ([ErrGroupClosed]), except the children
+// of its tasks that still run. Grouping changes nothing about order: tasks
+// of a group conflict with each other, and with tasks outside it, by their
+// resources alone.
+//
 // # Child tasks
 //
 // A task dispatched with the context of a running handler (or one derived

@@ -175,8 +175,11 @@ type Task struct {
 	FinishedAt time.Time // zero until final
 	Error      string
 	Result     json.RawMessage
-	Parent     int64 // the task whose handler dispatched it, 0 if none
-	Group      int64 // the group it belongs to, 0 if none
+	// Parent is the task whose handler dispatched it, 0 if none; Group the
+	// group it belongs to, 0 if none. Read with Get or List (the task a
+	// handler is given does not carry them).
+	Parent int64
+	Group  int64
 
 	// Progress holds the task's progress reports, in the order their names
 	// were first reported ([Task.ReportProgress]): the latest written while
