@@ -24,6 +24,25 @@
 // error fails the task with its text; a panic fails it with the panic value
 // and stack, and the worker carries on.
 //
+// # Immediate tasks
+//
+// An [Immediate] runs a task in the caller's process, now, when nothing
+// earlier conflicts with it (Pulp's immediate dispatch): [Immediate.Run]
+// dispatches it, takes its locks through the client's locker, runs the
+// handler in the calling goroutine with a deadline ([Timeout], default
+// [DefaultImmediateTimeout]), records the final state like a worker does,
+// and returns the final task. When an earlier task that is not final
+// conflicts with it, it returns a [*BlockedError] naming what it waits
+// behind (nothing is recorded), or, with [DeferIfBlocked], leaves the task
+// waiting for the workers. Either way the order is the queue's: an
+// immediate task never overtakes an earlier conflicting task, and a later
+// one waits for it. If the caller dies while it runs, the fleet's cleanup
+// fails the task once its deadline plus [WithImmediateTTL] has passed.
+//
+//	im := tasking.NewImmediate(client)
+//	defer im.Close(ctx)
+//	task, err := im.Run(ctx, "rename", args, rename, tasking.Exclusive("repo:a"))
+//
 // # Task groups
 //
 // A group is a set of tasks waited for and canceled as one (Pulp's task

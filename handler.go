@@ -61,7 +61,7 @@ func (r *run) start(t *Task) {
 			}
 			r.settleHandler(hctx, t, a, err, stopTimer)
 		}()
-		err = r.call(hctx, h.fn, t)
+		err = callHandler(hctx, h.fn, t)
 		returned = true
 	}()
 }
@@ -120,9 +120,9 @@ func errorText(err error) string {
 	return err.Error()
 }
 
-// call runs the handler inside the worker's middleware, turning a panic
-// (in either) into a [*PanicError] with its stack.
-func (r *run) call(ctx context.Context, fn HandlerFunc, t *Task) (err error) {
+// callHandler runs the handler (a worker's is wrapped in its middleware),
+// turning a panic into a [*PanicError] with its stack.
+func callHandler(ctx context.Context, fn HandlerFunc, t *Task) (err error) {
 	defer func() {
 		if v := recover(); v != nil {
 			err = &PanicError{Value: v, Stack: debug.Stack()}

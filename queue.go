@@ -44,6 +44,11 @@ type queries struct {
 	getGroup    string
 	cancelGroup string
 	groupsDone  string
+
+	immediate        string
+	immediateOwner   string
+	finishImmediate  string
+	unclaimImmediate string
 }
 
 const taskCols = `id, name, args, exclusive, shared, state, coalesce(worker_id, 0), epoch,
@@ -90,6 +95,13 @@ func newQueries(schema string) queries {
 			                              WHERE t.group_id = g.id GROUP BY t.state) x) c ON true
 			 WHERE g.id = $1`,
 		cancelGroup: `SELECT id, state, ready FROM ` + s + `.cancel_group($1, $2)`,
+
+		immediate: `SELECT id, created_at, group_id, claimed, epoch, started_at
+			FROM ` + s + `.dispatch_immediate($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)`,
+		immediateOwner:  `SELECT -nextval('` + s + `.immediate_seq')`,
+		finishImmediate: `SELECT state, finished_at, ready FROM ` + s + `.finish_immediate($1, $2, $3, $4, $5, $6, $7)`,
+		unclaimImmediate: `UPDATE ` + s + `.tasks SET state = 'waiting', started_at = NULL, lease_until = NULL
+			WHERE id = $1 AND epoch = $2 AND worker_id IS NULL AND state = 'running'`,
 		groupsDone: `SELECT g.id FROM ` + s + `.groups g
 			WHERE g.id = ANY($1) AND g.all_dispatched
 			  AND NOT EXISTS (SELECT 1 FROM ` + s + `.tasks t

@@ -415,6 +415,8 @@ type TaskSpec struct {
 	Shared    []string
 	Timeout   time.Duration // 0: none
 
+	deferIfBlocked bool // DeferIfBlocked, for Immediate.Run
+
 	// Group is the group the task joins: 0 for the group of the task whose
 	// handler dispatches it (none outside a handler, or when that task has
 	// none), [NoGroup] for none, else a group's id ([Client.CreateGroup]).

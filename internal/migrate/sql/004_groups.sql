@@ -198,3 +198,97 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- Immediate tasks: run by the caller, in its own process, when nothing
+-- earlier conflicts. Such a task is dispatched like any other (it gets its
+-- id and its line entries) and, when ready, claimed in the same
+-- transaction: running, with no worker, and lease_until (its deadline plus
+-- a TTL), after which the fleet's cleanup fails it as it fails the tasks of
+-- a lost worker, so a caller that crashed does not hold the line for ever.
+ALTER TABLE {{schema}}.tasks ADD COLUMN lease_until timestamptz;
+-- Owners of the immediate runners' locker grants: -nextval, apart from the
+-- workers' ids.
+CREATE SEQUENCE {{schema}}.immediate_seq AS bigint;
+
+-- dispatch_immediate dispatches one task (through dispatch_related when
+-- p_related) and claims it when it is ready: running, no worker, a new
+-- epoch, lease_until p_lease_ms from now. A task that is not ready is left
+-- waiting for the workers when p_defer; otherwise it raises TG005 with, as
+-- DETAIL, the JSON {"tasks": [...], "resources": [...]} of the earlier
+-- tasks that are not final and conflict with it (at most 100), and the
+-- failed statement takes the task back out.
+CREATE FUNCTION {{schema}}.dispatch_immediate(
+    p_names text[], p_args jsonb[], p_excl jsonb, p_shared jsonb, p_timeouts bigint[],
+    p_related boolean, p_parent bigint, p_groups bigint[], p_lease_ms bigint, p_defer boolean)
+RETURNS TABLE (id bigint, created_at timestamptz, group_id bigint, claimed boolean, epoch integer,
+               started_at timestamptz)
+LANGUAGE plpgsql AS $$
+DECLARE
+    d    record;
+    ep   integer;
+    st   timestamptz;
+    info jsonb;
+BEGIN
+    IF p_related THEN
+        SELECT r.id, r.created_at, r.ready, r.group_id INTO d
+          FROM {{schema}}.dispatch_related(p_names, p_args, p_excl, p_shared, p_timeouts, '', p_parent, p_groups) r;
+    ELSE
+        SELECT r.id, r.created_at, r.ready, NULL::bigint AS group_id INTO d
+          FROM {{schema}}.dispatch(p_names, p_args, p_excl, p_shared, p_timeouts, '') r;
+    END IF;
+    IF d.ready THEN
+        UPDATE {{schema}}.tasks t
+           SET state = 'running', worker_id = NULL, epoch = t.epoch + 1, started_at = clock_timestamp(),
+               lease_until = clock_timestamp() + p_lease_ms * interval '1 ms'
+         WHERE t.id = d.id
+        RETURNING t.epoch, t.started_at INTO ep, st;
+        RETURN QUERY SELECT d.id, d.created_at, d.group_id, true, ep, st;
+        RETURN;
+    END IF;
+    IF p_defer THEN
+        RETURN QUERY SELECT d.id, d.created_at, d.group_id, false, 0, NULL::timestamptz;
+        RETURN;
+    END IF;
+    SELECT jsonb_build_object('tasks', coalesce(jsonb_agg(DISTINCT b.task), '[]'),
+                              'resources', coalesce(jsonb_agg(DISTINCT b.resource), '[]'))
+      INTO info
+      FROM (SELECT l.task, l.resource
+              FROM {{schema}}.lines e
+              JOIN {{schema}}.lines l ON l.resource = e.resource AND l.task < e.task AND (e.excl OR l.excl)
+             WHERE e.task = d.id
+             ORDER BY l.task LIMIT 100) b;
+    RAISE EXCEPTION 'tasking: immediate task waits behind earlier tasks' USING ERRCODE = 'TG005', DETAIL = info::text;
+END
+$$;
+
+-- finish_immediate writes the final state of an immediate task, guarded by
+-- epoch and "no worker" (a task that cleanup failed meanwhile is not
+-- touched; a canceling one ends canceled), and settles it as a worker's
+-- step does. It notifies p_channel, when given, if tasks became ready.
+CREATE FUNCTION {{schema}}.finish_immediate(
+    p_id bigint, p_epoch integer, p_state text, p_error text, p_result jsonb, p_progress jsonb, p_channel text)
+RETURNS TABLE (state text, finished_at timestamptz, ready integer)
+LANGUAGE plpgsql AS $$
+DECLARE
+    st text;
+    ft timestamptz;
+    n  integer := 0;
+BEGIN
+    UPDATE {{schema}}.tasks t
+       SET state = CASE WHEN t.state = 'canceling' THEN 'canceled' ELSE p_state END,
+           finished_at = clock_timestamp(), error = nullif(p_error, ''), result = p_result,
+           progress = coalesce(p_progress, t.progress), lease_until = NULL
+     WHERE t.id = p_id AND t.epoch = p_epoch AND t.worker_id IS NULL AND t.state IN ('running', 'canceling')
+    RETURNING t.state, t.finished_at INTO st, ft;
+    IF st IS NOT NULL THEN
+        n := coalesce(array_length({{schema}}.settle(ARRAY[p_id], 0), 1), 0);
+        IF n > 0 AND p_channel <> '' THEN
+            PERFORM pg_notify(p_channel, 'r');
+        END IF;
+    END IF;
+    state := st;
+    finished_at := ft;
+    ready := n;
+    RETURN NEXT;
+END
+$$;

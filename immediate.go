@@ -1,0 +1,426 @@
+package tasking
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// Immediate tasks (Pulp's dispatch(immediate=True)): the caller runs the
+// task's handler itself, now, when nothing earlier conflicts with it.
+//
+// The task is dispatched like any other, so it gets its id and its line
+// entries, and in the same transaction, when it is ready (no earlier task
+// that is not final conflicts with it, design.md §3), it is claimed: running,
+// with no worker, and a lease (its deadline plus a TTL). An earlier
+// conflicting task therefore always runs first, and a later one waits for
+// it, exactly as for queued tasks. The caller then takes its locks through
+// the client's locker (in a lock session of the Immediate, opened on first
+// use), runs the handler with the deadline, releases the locks and writes
+// the final state, which hands its lines on like a worker's step does. A
+// caller that crashes leaves the task running with no worker: the fleet's
+// cleanup fails it ("worker lost") once its lease has run out, and the
+// locker frees its grants when the caller's session ends (PostgreSQL) or its
+// leases run out (Redis).
+
+var (
+	// ErrBlocked matches every [*BlockedError].
+	ErrBlocked = errors.New("tasking: immediate task waits behind earlier tasks")
+	// ErrImmediateClosed: Run was called on a closed [Immediate].
+	ErrImmediateClosed = errors.New("tasking: immediate runner closed")
+)
+
+// BlockedError says what an immediate task would wait behind: it was not
+// run, and not recorded ([Immediate.Run] without [DeferIfBlocked]).
+type BlockedError struct {
+	Tasks     []int64  // earlier tasks, not final, that conflict with it (at most 100)
+	Resources []string // the resources on which they conflict
+	// Reason is set when the task was ready but its locks were refused (an
+	// earlier holder that was declared lost still holds them); the task is
+	// then recorded as canceled with this reason.
+	Reason string
+}
+
+func (e *BlockedError) Error() string {
+	if e.Reason != "" {
+		return fmt.Sprintf("tasking: immediate task not run: %s (resources %v)", e.Reason, e.Resources)
+	}
+	return fmt.Sprintf("tasking: immediate task waits behind tasks %v (resources %v)", e.Tasks, e.Resources)
+}
+
+// Is makes errors.Is(err, ErrBlocked) true.
+func (e *BlockedError) Is(target error) bool { return target == ErrBlocked }
+
+// DeferIfBlocked makes [Immediate.Run] queue the task for the workers when
+// it cannot run at once, instead of returning a [*BlockedError]. Other
+// dispatches ignore it. Default: the error.
+func DeferIfBlocked() DispatchOption {
+	return func(s *TaskSpec) { s.deferIfBlocked = true }
+}
+
+// DefaultImmediateTimeout is the deadline of an immediate task's handler
+// when the task has no [Timeout].
+const DefaultImmediateTimeout = 30 * time.Second
+
+// ImmediateOption configures an Immediate.
+type ImmediateOption func(*immediateConfig)
+
+type immediateConfig struct {
+	ttl time.Duration
+}
+
+// WithImmediateTTL sets how long after its deadline an immediate task that
+// its caller did not finish (the process died) is failed by the fleet's
+// cleanup, which frees its resources for the tasks behind it. Default: 30s.
+func WithImmediateTTL(d time.Duration) ImmediateOption {
+	return func(c *immediateConfig) { c.ttl = d }
+}
+
+// Immediate runs tasks in the caller's process ([Immediate.Run]). It holds
+// a lock session of the client's locker, opened on first use (with the
+// PostgreSQL locker: a connection of its own); [Immediate.Close] closes it.
+// It is safe for concurrent use.
+type Immediate struct {
+	c   *Client
+	cfg immediateConfig
+
+	mu      sync.Mutex
+	sess    LockSession
+	owner   int64 // the Owner.Worker of its grants: negative, apart from the workers' ids
+	closed  bool
+	running map[int64]*immediateRun
+}
+
+type immediateRun struct {
+	cancel context.CancelCauseFunc
+	lost   bool
+}
+
+// NewImmediate returns a runner of immediate tasks for c.
+func NewImmediate(c *Client, opts ...ImmediateOption) *Immediate {
+	cfg := immediateConfig{ttl: 30 * time.Second}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	return &Immediate{c: c, cfg: cfg, running: make(map[int64]*immediateRun)}
+}
+
+// Run runs a task in the caller now, if nothing earlier conflicts with it:
+// it is dispatched (it gets its id), its locks are taken through the
+// client's locker, fn runs in the calling goroutine with the task's
+// deadline ([Timeout], default [DefaultImmediateTimeout]), and its final
+// state is recorded and handed on like a worker's. Run returns the final
+// task; a failed task is not an error of Run's (see [Task.Err]).
+//
+// When an earlier task that is not final conflicts with it, the task is not
+// run: Run returns a [*BlockedError] naming those tasks and resources, and
+// nothing is recorded, or, with [DeferIfBlocked], the task is left waiting
+// for the workers (which need a handler for name) and returned waiting.
+//
+// The handler's context carries the task ([TaskFromContext]): its
+// children record it as their parent. Progress reports are written with
+// the final state only. A [Client.Cancel] of the running task makes it end
+// canceled when the handler returns, but does not reach the handler's
+// context. Cancelling ctx cancels the handler's.
+func (im *Immediate) Run(ctx context.Context, name string, args any, fn HandlerFunc, opts ...DispatchOption) (*Task, error) {
+	if fn == nil {
+		return nil, inputErr("handler", "nil HandlerFunc")
+	}
+	spec := Spec(name, args, opts...)
+	if spec.Timeout == 0 {
+		spec.Timeout = DefaultImmediateTimeout
+	}
+	if im.cfg.ttl <= 0 {
+		return nil, inputErr("immediate TTL", "%v, need > 0", im.cfg.ttl)
+	}
+	batch, err := prepareBatch([]TaskSpec{spec})
+	if err != nil {
+		return nil, err
+	}
+	c := im.c
+	if err := c.checkSchema(ctx); err != nil {
+		return nil, err
+	}
+	// The session first: a locker out of reach fails the call before
+	// anything is recorded.
+	sess, owner, err := im.session(ctx)
+	if err != nil {
+		return nil, err
+	}
+	t, claimed, err := c.dispatchImmediate(ctx, batch, parentOf(ctx), spec.Timeout+im.cfg.ttl, spec.deferIfBlocked)
+	if err != nil || !claimed {
+		return t, err
+	}
+	o := Owner{owner, t.ID}
+	if len(t.Exclusive)+len(t.Shared) > 0 {
+		fence, err := im.acquire(ctx, sess, o, t)
+		if err != nil {
+			return im.giveBack(ctx, t, spec.deferIfBlocked, err)
+		}
+		t.Fence = fence
+	}
+	return im.run(ctx, sess, o, t, fn)
+}
+
+// session returns the lock session, opening it first if needed.
+func (im *Immediate) session(ctx context.Context) (LockSession, int64, error) {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	if im.closed {
+		return nil, 0, ErrImmediateClosed
+	}
+	if im.sess != nil {
+		return im.sess, im.owner, nil
+	}
+	c := im.c
+	var owner int64
+	if err := c.pool.QueryRow(ctx, c.q.immediateOwner).Scan(&owner); err != nil {
+		return nil, 0, fmt.Errorf("tasking: immediate runner: %w", err)
+	}
+	sess, err := c.locker.Open(ctx, LockSessionConfig{
+		Worker: owner, Pool: c.pool, Schema: c.schema, Logger: c.log, OnLost: im.lost,
+	})
+	if err != nil {
+		return nil, 0, fmt.Errorf("tasking: open %s locker for immediate tasks: %w", c.locker.Kind(), err)
+	}
+	im.sess, im.owner = sess, owner
+	return sess, owner, nil
+}
+
+// Close closes the runner's lock session, releasing whatever it still
+// holds. Call it when no Run is in progress; later Runs return
+// [ErrImmediateClosed].
+func (im *Immediate) Close(ctx context.Context) error {
+	im.mu.Lock()
+	sess := im.sess
+	im.sess, im.closed = nil, true
+	im.mu.Unlock()
+	if sess == nil {
+		return nil
+	}
+	return sess.Close(ctx)
+}
+
+// lost is the session's OnLost: cancel the handlers whose grants are gone.
+func (im *Immediate) lost(owners []Owner, cause error) {
+	im.mu.Lock()
+	defer im.mu.Unlock()
+	for _, o := range owners {
+		if r := im.running[o.Task]; r != nil && o.Worker == im.owner {
+			r.lost = true
+			r.cancel(cause)
+		}
+	}
+}
+
+// immediateRetry bounds how long Run tries for locks that are refused: a
+// grant of a holder that was declared lost, until its lease or session ends.
+const immediateRetry = time.Second
+
+// acquire takes the task's locks, retrying refusals for a while.
+func (im *Immediate) acquire(ctx context.Context, sess LockSession, o Owner, t *Task) (int64, error) {
+	req := []LockRequest{{Owner: o, Exclusive: t.Exclusive, Shared: t.Shared}}
+	give := time.Now().Add(immediateRetry)
+	for {
+		fences, err := sess.TryAcquire(ctx, req)
+		if err != nil {
+			if rerr := sess.Release(context.WithoutCancel(ctx), []Owner{o}); rerr != nil {
+				im.c.log.Warn("tasking: release after failed acquire", "err", rerr)
+			}
+			return 0, fmt.Errorf("acquire locks: %w", err)
+		}
+		if fences[0] > 0 {
+			return fences[0], nil
+		}
+		if time.Now().After(give) || ctx.Err() != nil {
+			return 0, errors.New("locks refused: an earlier holder, declared lost, still holds them")
+		}
+		sleepCtx(ctx, retrySoon)
+	}
+}
+
+// giveBack handles a claimed task whose locks could not be had: deferred,
+// it goes back to waiting for the workers (it keeps its place: its entries
+// never left the lines); otherwise it ends canceled with the reason.
+func (im *Immediate) giveBack(ctx context.Context, t *Task, deferIt bool, cause error) (*Task, error) {
+	c := im.c
+	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), stepTimeout)
+	defer cancel()
+	if deferIt {
+		tag, err := c.pool.Exec(wctx, c.q.unclaimImmediate, t.ID, t.Epoch)
+		if err != nil {
+			return nil, fmt.Errorf("tasking: immediate task %d: put back for the workers: %w", t.ID, err)
+		}
+		if tag.RowsAffected() == 1 {
+			c.bus.released(wctx) // it is ready: wake a worker
+			t.State, t.StartedAt = StateWaiting, time.Time{}
+			return t, nil
+		}
+		return c.get(wctx, t.ID) // canceled meanwhile
+	}
+	if _, err := im.finish(wctx, t, StateCanceled, cause.Error()); err != nil {
+		return nil, err
+	}
+	return nil, &BlockedError{Resources: append(append([]string{}, t.Exclusive...), t.Shared...), Reason: cause.Error()}
+}
+
+// run runs fn in the caller and records the outcome.
+func (im *Immediate) run(ctx context.Context, sess LockSession, o Owner, t *Task, fn HandlerFunc) (*Task, error) {
+	t.live = &liveTask{}
+	hctx, cancel := context.WithCancelCause(ctx)
+	hctx = context.WithValue(hctx, taskKey{}, t)
+	hctx, stopTimer := context.WithTimeoutCause(hctx, t.Timeout, ErrTimeout)
+	r := &immediateRun{cancel: cancel}
+	im.mu.Lock()
+	im.running[t.ID] = r
+	im.mu.Unlock()
+	names := len(t.Exclusive)+len(t.Shared) > 0
+	end := func(state State, msg string) (*Task, error) {
+		im.mu.Lock()
+		delete(im.running, t.ID)
+		im.mu.Unlock()
+		cancel(nil)
+		wctx, wcancel := context.WithTimeout(context.WithoutCancel(ctx), stepTimeout)
+		defer wcancel()
+		if names {
+			// Released before the final write, as a worker's step does: the
+			// write is what makes the next in line ready.
+			if err := sess.Release(wctx, []Owner{o}); err != nil {
+				im.c.log.Warn("tasking: release locks of an immediate task", "task", t.ID, "err", err)
+			}
+		}
+		return im.finish(wctx, t, state, msg)
+	}
+	returned := false
+	defer func() {
+		if !returned { // runtime.Goexit: record the failure, then let the goroutine end
+			stopTimer()
+			_, _ = end(StateFailed, errGoexit.Error())
+		}
+	}()
+	err := callHandler(hctx, fn, t)
+	returned = true
+	if lc, ok := sess.(LeaseChecker); ok && names {
+		lc.CheckLease(o) // may call im.lost
+	}
+	cause := context.Cause(hctx)
+	stopTimer()
+	im.mu.Lock()
+	lost := r.lost
+	im.mu.Unlock()
+	state, msg := StateCompleted, ""
+	switch {
+	case lost:
+		state, msg = StateFailed, errorText(cause)
+	case errors.Is(cause, ErrTimeout):
+		state, msg = StateFailed, cause.Error()
+	case err != nil:
+		state, msg = StateFailed, err.Error()
+	}
+	return end(state, msg)
+}
+
+// finish writes the final state (finish_immediate) and returns the task
+// as stored.
+func (im *Immediate) finish(ctx context.Context, t *Task, state State, msg string) (*Task, error) {
+	c := im.c
+	var result, progress *string
+	if b := t.takeResult(); b != nil {
+		s := string(b)
+		result = &s
+	}
+	var reports json.RawMessage
+	if t.live != nil {
+		reports = t.live.endProgress()
+	}
+	if reports != nil {
+		s := string(reports)
+		progress = &s
+	}
+	var stored *string
+	var finished *time.Time
+	var ready int
+	err := c.pool.QueryRow(ctx, c.q.finishImmediate, t.ID, t.Epoch, string(state), msg, result, progress,
+		c.bus.dispatchChannel()).Scan(&stored, &finished, &ready)
+	if err != nil {
+		return nil, fmt.Errorf("tasking: immediate task %d: write final state: %w", t.ID, err)
+	}
+	if ready > 0 && c.bus.dispatchChannel() == "" {
+		c.bus.released(ctx) // the statement could not wake the workers itself
+	}
+	c.waits.poke()
+	if stored == nil {
+		// No longer ours: cleanup failed it (its lease ran out first).
+		return c.get(ctx, t.ID)
+	}
+	out := *t
+	out.live = nil
+	out.State, out.FinishedAt, out.Error = State(*stored), *finished, msg
+	if result != nil {
+		out.Result = json.RawMessage(*result)
+	}
+	if reports != nil {
+		if err := json.Unmarshal(reports, &out.Progress); err != nil {
+			return nil, err
+		}
+	}
+	return &out, nil
+}
+
+// dispatchImmediate runs dispatch_immediate for a batch of one task.
+// claimed: the task is running, the caller's to run; otherwise it was left
+// waiting (deferred).
+func (c *Client) dispatchImmediate(ctx context.Context, b *preparedBatch, parent int64, lease time.Duration, deferIt bool) (*Task, bool, error) {
+	s := b.specs[0]
+	exclJSON, _ := json.Marshal([][]string{s.Exclusive})
+	sharedJSON, _ := json.Marshal([][]string{s.Shared})
+	related := parent != 0 || s.Group > 0
+	var id int64
+	var created time.Time
+	var group *int64
+	var claimed bool
+	var epoch int32
+	var started *time.Time
+	err := c.pool.QueryRow(ctx, c.q.immediate, []string{s.Name}, []string{string(b.args[0])},
+		string(exclJSON), string(sharedJSON), []int64{s.Timeout.Milliseconds()},
+		related, parent, []int64{s.Group}, lease.Milliseconds(), deferIt).
+		Scan(&id, &created, &group, &claimed, &epoch, &started)
+	if err != nil {
+		if be := blockedErr(err); be != nil {
+			return nil, false, be
+		}
+		return nil, false, dispatchErr(err)
+	}
+	t := &Task{
+		ID: id, Name: s.Name, Args: b.args[0], Exclusive: s.Exclusive, Shared: s.Shared,
+		State: StateWaiting, CreatedAt: created, Timeout: s.Timeout, Parent: parent,
+	}
+	if group != nil {
+		t.Group = *group
+	}
+	if claimed {
+		t.State, t.Epoch, t.StartedAt = StateRunning, int(epoch), *started
+	}
+	return t, claimed, nil
+}
+
+// blockedErr turns dispatch_immediate's TG005 into a *BlockedError.
+func blockedErr(err error) error {
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) || pgErr.Code != "TG005" {
+		return nil
+	}
+	var d struct {
+		Tasks     []int64  `json:"tasks"`
+		Resources []string `json:"resources"`
+	}
+	if jerr := json.Unmarshal([]byte(pgErr.Detail), &d); jerr != nil {
+		return fmt.Errorf("%w: %s", ErrBlocked, pgErr.Detail)
+	}
+	return &BlockedError{Tasks: d.Tasks, Resources: d.Resources}
+}
