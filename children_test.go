@@ -130,6 +130,32 @@ func TestChildrenJoinClosedGroup(t *testing.T) {
 	require.Equal(t, map[tasking.State]int{tasking.StateCompleted: 2}, done.Counts)
 }
 
+// TestChildOfAnotherSchema: a handler that dispatches into another schema's
+// client records no parent there (the parent's id means nothing in it).
+func TestChildOfAnotherSchema(t *testing.T) {
+	t.Parallel()
+	a, b := newClient(t), newClient(t)
+	ctx := ctxT(t, 30*time.Second)
+	got := make(chan *tasking.Task, 1)
+	w := tasking.NewWorker(a)
+	w.Handle("forward", func(ctx context.Context, _ *tasking.Task) error {
+		task, err := b.Dispatch(ctx, "elsewhere", nil)
+		if err != nil {
+			return err
+		}
+		got <- task
+		return nil
+	})
+	runWorker(t, w)
+	task, err := a.Dispatch(ctx, "forward", nil)
+	require.NoError(t, err)
+	done, err := a.Wait(ctx, task.ID)
+	require.NoError(t, err)
+	require.Equal(t, tasking.StateCompleted, done.State, done.Error)
+	other := recv(t, got, time.Second)
+	require.Zero(t, other.Parent)
+}
+
 func TestGroupInvalid(t *testing.T) {
 	t.Parallel()
 	c := newClient(t)

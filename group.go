@@ -90,7 +90,7 @@ func (c *Client) DispatchGroup(ctx context.Context, specs ...TaskSpec) (*Group, 
 			return err
 		}
 		sctx, span, trace := c.startDispatchSpan(ctx, batch.specs)
-		tasks, ready, err = c.insert(sctx, tx, batch, false, trace, parentOf(ctx))
+		tasks, ready, err = c.insert(sctx, tx, batch, false, trace, c.parentOf(ctx))
 		endSpan(span, err)
 		if err != nil {
 			return err

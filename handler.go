@@ -23,7 +23,7 @@ type outcome struct {
 // start runs t's handler in its own goroutine. Its outcome goes to the step
 // loop, which writes it in its next step.
 func (r *run) start(t *Task) {
-	t.live = &liveTask{mark: r.progress.mark}
+	t.live = &liveTask{schema: r.c.schema, mark: r.progress.mark}
 	h := r.handlers[t.Name]
 	hctx, cancel := context.WithCancelCause(r.base)
 	hctx = context.WithValue(hctx, taskKey{}, t)
@@ -128,7 +128,7 @@ func callHandler(ctx context.Context, fn HandlerFunc, t *Task) (err error) {
 			err = &PanicError{Value: v, Stack: debug.Stack()}
 		}
 	}()
-	return fn(ctx, t) // fn is wrapped in the middleware (newRun)
+	return fn(ctx, t) // a worker's fn is wrapped in its middleware (newRun)
 }
 
 // send hands an outcome to the step loop, unless shutdown has closed the

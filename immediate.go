@@ -152,7 +152,7 @@ func (im *Immediate) Run(ctx context.Context, name string, args any, fn HandlerF
 	if err != nil {
 		return nil, err
 	}
-	t, claimed, err := c.dispatchImmediate(ctx, batch, parentOf(ctx), spec.Timeout+im.cfg.ttl, spec.deferIfBlocked)
+	t, claimed, err := c.dispatchImmediate(ctx, batch, c.parentOf(ctx), spec.Timeout+im.cfg.ttl, spec.deferIfBlocked)
 	if err != nil || !claimed {
 		return t, err
 	}
@@ -271,7 +271,7 @@ func (im *Immediate) giveBack(ctx context.Context, t *Task, deferIt bool, cause 
 
 // run runs fn in the caller and records the outcome.
 func (im *Immediate) run(ctx context.Context, sess LockSession, o Owner, t *Task, fn HandlerFunc) (*Task, error) {
-	t.live = &liveTask{}
+	t.live = &liveTask{schema: im.c.schema}
 	hctx, cancel := context.WithCancelCause(ctx)
 	hctx = context.WithValue(hctx, taskKey{}, t)
 	hctx, stopTimer := context.WithTimeoutCause(hctx, t.Timeout, ErrTimeout)

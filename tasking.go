@@ -203,6 +203,7 @@ type Task struct {
 type liveTask struct {
 	mu     sync.Mutex
 	result json.RawMessage
+	schema string // of the client whose worker runs it: its children's parent is in the same schema
 
 	progress []Progress  // see progress.go
 	dirty    bool        // progress changed since it was last written
@@ -507,8 +508,9 @@ func (c *Client) dispatch(ctx context.Context, db querier, specs []TaskSpec, aut
 	if err := c.checkSchema(ctx); err != nil {
 		return nil, err
 	}
+	parent := c.parentOf(ctx)
 	ctx, span, trace := c.startDispatchSpan(ctx, batch.specs)
-	tasks, ready, err := c.insert(ctx, db, batch, autocommit, trace, parentOf(ctx))
+	tasks, ready, err := c.insert(ctx, db, batch, autocommit, trace, parent)
 	endSpan(span, err)
 	if err != nil {
 		return nil, err
@@ -521,9 +523,9 @@ func (c *Client) dispatch(ctx context.Context, db querier, specs []TaskSpec, aut
 }
 
 // parentOf is the id of the task whose handler runs with ctx in this
-// process, 0 if none.
-func parentOf(ctx context.Context) int64 {
-	if t := TaskFromContext(ctx); t != nil && t.live != nil {
+// process, 0 if none or if that task lives in another schema.
+func (c *Client) parentOf(ctx context.Context) int64 {
+	if t := TaskFromContext(ctx); t != nil && t.live != nil && t.live.schema == c.schema {
 		return t.ID
 	}
 	return 0
