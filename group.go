@@ -24,6 +24,17 @@ var (
 	ErrGroupClosed = errors.New("tasking: group marked all dispatched")
 )
 
+// NoGroup as [TaskSpec.Group] (or [InGroup]) keeps a task out of every
+// group, even when its parent is in one.
+const NoGroup int64 = -1
+
+// InGroup puts the task in group id ([Client.CreateGroup]), or in none for
+// [NoGroup]. Default: the group of the task whose handler dispatches it, if
+// any.
+func InGroup(id int64) DispatchOption {
+	return func(s *TaskSpec) { s.Group = id }
+}
+
 // Group is a task group as stored, with its tasks counted per state.
 type Group struct {
 	ID            int64

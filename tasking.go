@@ -424,17 +424,6 @@ type TaskSpec struct {
 	Group int64
 }
 
-// NoGroup as [TaskSpec.Group] (or [InGroup]) keeps a task out of every
-// group, even when its parent is in one.
-const NoGroup int64 = -1
-
-// InGroup puts the task in group id ([Client.CreateGroup]), or in none for
-// [NoGroup]. Default: the group of the task whose handler dispatches it, if
-// any.
-func InGroup(id int64) DispatchOption {
-	return func(s *TaskSpec) { s.Group = id }
-}
-
 // Spec builds a TaskSpec for [Client.DispatchMany].
 func Spec(name string, args any, opts ...DispatchOption) TaskSpec {
 	s := TaskSpec{Name: name, Args: args}
@@ -520,15 +509,6 @@ func (c *Client) dispatch(ctx context.Context, db querier, specs []TaskSpec, aut
 		c.bus.dispatched(ctx)
 	}
 	return tasks, nil
-}
-
-// parentOf is the id of the task whose handler runs with ctx in this
-// process, 0 if none or if that task lives in another schema.
-func (c *Client) parentOf(ctx context.Context) int64 {
-	if t := TaskFromContext(ctx); t != nil && t.live != nil && t.live.schema == c.schema {
-		return t.ID
-	}
-	return 0
 }
 
 // Notify wakes the client's workers now, so they look for waiting tasks.
