@@ -123,8 +123,8 @@ func NewImmediate(c *Client, opts ...ImmediateOption) *Immediate {
 // for the workers (which need a handler for name) and returned waiting.
 //
 // The handler's context carries the task ([TaskFromContext]): its
-// children record it as their parent. Progress reports are written with
-// the final state only. A [Client.Cancel] of the running task makes it end
+// children record it as their parent. Progress reports are written while
+// it runs, as on a worker. A [Client.Cancel] of the running task makes it end
 // canceled when the handler returns, but does not reach the handler's
 // context. Cancelling ctx cancels the handler's.
 func (im *Immediate) Run(ctx context.Context, name string, args any, fn HandlerFunc, opts ...DispatchOption) (*Task, error) {
@@ -271,7 +271,7 @@ func (im *Immediate) giveBack(ctx context.Context, t *Task, deferIt bool, cause 
 
 // run runs fn in the caller and records the outcome.
 func (im *Immediate) run(ctx context.Context, sess LockSession, o Owner, t *Task, fn HandlerFunc) (*Task, error) {
-	t.live = &liveTask{schema: im.c.schema}
+	flush := im.progressFlusher(ctx, t)
 	hctx, cancel := context.WithCancelCause(ctx)
 	hctx = context.WithValue(hctx, taskKey{}, t)
 	hctx, stopTimer := context.WithTimeoutCause(hctx, t.Timeout, ErrTimeout)
@@ -285,6 +285,7 @@ func (im *Immediate) run(ctx context.Context, sess LockSession, o Owner, t *Task
 		delete(im.running, t.ID)
 		im.mu.Unlock()
 		cancel(nil)
+		flush.stop() // the last reports go with the final state
 		wctx, wcancel := context.WithTimeout(context.WithoutCancel(ctx), stepTimeout)
 		defer wcancel()
 		if names {
@@ -323,6 +324,55 @@ func (im *Immediate) run(ctx context.Context, sess LockSession, o Owner, t *Task
 		state, msg = StateFailed, err.Error()
 	}
 	return end(state, msg)
+}
+
+// immediateFlush writes an immediate task's progress reports while its
+// handler runs, like a worker's flusher: at once for the first change,
+// then at most every progressEvery, guarded by epoch and "no worker". Its
+// goroutine starts with the first report.
+type immediateFlush struct {
+	once   sync.Once
+	kick   chan struct{}
+	cancel context.CancelFunc
+	done   sync.WaitGroup
+}
+
+// progressFlusher sets t's live state up with a flusher of its own.
+func (im *Immediate) progressFlusher(ctx context.Context, t *Task) *immediateFlush {
+	f := &immediateFlush{kick: make(chan struct{}, 1)}
+	fctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	f.cancel = cancel
+	c := im.c
+	loop := func() {
+		defer f.done.Done()
+		for {
+			select {
+			case <-fctx.Done():
+				return
+			case <-f.kick:
+			}
+			_, err := c.pool.Exec(fctx, c.q.progressImmediate, t.ID, t.Epoch, string(t.live.snapshotProgress()))
+			if err != nil && fctx.Err() == nil {
+				c.log.Warn("tasking: write progress reports of an immediate task", "task", t.ID, "err", err)
+			}
+			sleepCtx(fctx, progressEvery)
+		}
+	}
+	t.live = &liveTask{schema: c.schema, mark: func(*Task) {
+		f.once.Do(func() { f.done.Add(1); go loop() })
+		select {
+		case f.kick <- struct{}{}:
+		default:
+		}
+	}}
+	return f
+}
+
+// stop ends the flusher and waits for its write in flight.
+func (f *immediateFlush) stop() {
+	f.once.Do(func() {}) // no flusher starts after this
+	f.cancel()
+	f.done.Wait()
 }
 
 // finish writes the final state (finish_immediate) and returns the task

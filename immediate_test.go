@@ -55,6 +55,15 @@ func TestImmediateRuns(t *testing.T) {
 				if task.Fence <= 0 || tasking.TaskFromContext(ctx) != task {
 					return errors.New("no fence or no task in the context")
 				}
+				if err := task.ReportProgress(tasking.Progress{Name: "files", Done: 1, Total: 2}); err != nil {
+					return err
+				}
+				// The handler runs in the caller (here, the test's goroutine):
+				// its reports show while it runs.
+				seen := waitProgress(t, c, task.ID, func(got *tasking.Task) bool { return len(got.Progress) == 1 })
+				if seen.State != tasking.StateRunning || seen.Progress[0].Done != 1 {
+					return fmt.Errorf("while running: %+v", seen)
+				}
 				if err := task.ReportProgress(tasking.Progress{Name: "files", Done: 2, Total: 2}); err != nil {
 					return err
 				}

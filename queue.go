@@ -45,10 +45,11 @@ type queries struct {
 	cancelGroup string
 	groupsDone  string
 
-	immediate        string
-	immediateOwner   string
-	finishImmediate  string
-	unclaimImmediate string
+	immediate         string
+	immediateOwner    string
+	finishImmediate   string
+	unclaimImmediate  string
+	progressImmediate string
 }
 
 const taskCols = `id, name, args, exclusive, shared, state, coalesce(worker_id, 0), epoch,
@@ -102,6 +103,8 @@ func newQueries(schema string) queries {
 		finishImmediate: `SELECT state, finished_at, ready FROM ` + s + `.finish_immediate($1, $2, $3, $4, $5, $6, $7)`,
 		unclaimImmediate: `UPDATE ` + s + `.tasks SET state = 'waiting', started_at = NULL, lease_until = NULL
 			WHERE id = $1 AND epoch = $2 AND worker_id IS NULL AND state = 'running'`,
+		progressImmediate: `UPDATE ` + s + `.tasks SET progress = $3::jsonb
+			WHERE id = $1 AND epoch = $2 AND worker_id IS NULL AND state IN ('running', 'canceling')`,
 		groupsDone: `SELECT g.id FROM ` + s + `.groups g
 			WHERE g.id = ANY($1) AND g.all_dispatched
 			  AND NOT EXISTS (SELECT 1 FROM ` + s + `.tasks t
