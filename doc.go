@@ -36,8 +36,10 @@
 // behind (nothing is recorded), or, with [DeferIfBlocked], leaves the task
 // waiting for the workers. Either way the order is the queue's: an
 // immediate task never overtakes an earlier conflicting task, and a later
-// one waits for it. If the caller dies while it runs, the fleet's cleanup
-// fails the task once its deadline plus [WithImmediateTTL] has passed.
+// one waits for it. [Client.Cancel] reaches the handler within about half a
+// second. If the caller dies while it runs, the fleet's cleanup fails the
+// task once its deadline plus [WithImmediateTTL] has passed (a worker must
+// run somewhere in the fleet for that).
 //
 //	im := tasking.NewImmediate(client)
 //	defer im.Close(ctx)

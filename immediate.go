@@ -124,9 +124,9 @@ func NewImmediate(c *Client, opts ...ImmediateOption) *Immediate {
 //
 // The handler's context carries the task ([TaskFromContext]): its
 // children record it as their parent. Progress reports are written while
-// it runs, as on a worker. A [Client.Cancel] of the running task makes it end
-// canceled when the handler returns, but does not reach the handler's
-// context. Cancelling ctx cancels the handler's.
+// it runs, as on a worker. [Client.Cancel], from any process, cancels the
+// handler's context (cause [ErrCanceled]) within about half a second, and
+// the task ends canceled. Cancelling ctx cancels the handler's.
 func (im *Immediate) Run(ctx context.Context, name string, args any, fn HandlerFunc, opts ...DispatchOption) (*Task, error) {
 	if fn == nil {
 		return nil, inputErr("handler", "nil HandlerFunc")
@@ -275,6 +275,7 @@ func (im *Immediate) run(ctx context.Context, sess LockSession, o Owner, t *Task
 	hctx, cancel := context.WithCancelCause(ctx)
 	hctx = context.WithValue(hctx, taskKey{}, t)
 	hctx, stopTimer := context.WithTimeoutCause(hctx, t.Timeout, ErrTimeout)
+	stopWatch := im.watchCancel(ctx, t, cancel)
 	r := &immediateRun{cancel: cancel}
 	im.mu.Lock()
 	im.running[t.ID] = r
@@ -285,6 +286,7 @@ func (im *Immediate) run(ctx context.Context, sess LockSession, o Owner, t *Task
 		delete(im.running, t.ID)
 		im.mu.Unlock()
 		cancel(nil)
+		stopWatch()
 		flush.stop() // the last reports go with the final state
 		wctx, wcancel := context.WithTimeout(context.WithoutCancel(ctx), stepTimeout)
 		defer wcancel()
@@ -318,12 +320,41 @@ func (im *Immediate) run(ctx context.Context, sess LockSession, o Owner, t *Task
 	switch {
 	case lost:
 		state, msg = StateFailed, errorText(cause)
-	case errors.Is(cause, ErrTimeout):
+	case errors.Is(cause, ErrTimeout) || errors.Is(cause, ErrCanceled): // canceled: ends canceled
 		state, msg = StateFailed, cause.Error()
 	case err != nil:
 		state, msg = StateFailed, err.Error()
 	}
 	return end(state, msg)
+}
+
+// immediateCancelPoll is how often the caller of an immediate task looks
+// whether the task was canceled (from any process).
+const immediateCancelPoll = 500 * time.Millisecond
+
+// watchCancel cancels the handler's context with cause ErrCanceled once the
+// task is canceling: workers are told of cancels by wake-up messages, but
+// the caller of an immediate task may run none, so it looks at the task
+// every immediateCancelPoll while the handler runs.
+func (im *Immediate) watchCancel(ctx context.Context, t *Task, cancel context.CancelCauseFunc) (stop func()) {
+	c := im.c
+	wctx, stopW := context.WithCancel(context.WithoutCancel(ctx))
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			sleepCtx(wctx, immediateCancelPoll)
+			if wctx.Err() != nil {
+				return
+			}
+			var st string
+			if err := c.pool.QueryRow(wctx, c.q.state, t.ID).Scan(&st); err == nil && State(st) == StateCanceling {
+				cancel(ErrCanceled)
+				return
+			}
+		}
+	}()
+	return func() { stopW(); <-done }
 }
 
 // immediateFlush writes an immediate task's progress reports while its

@@ -361,3 +361,33 @@ func TestImmediateInvalid(t *testing.T) {
 	_, err = im.Run(ctx, "x", nil, func(context.Context, *tasking.Task) error { return nil })
 	require.ErrorIs(t, err, tasking.ErrImmediateClosed)
 }
+
+// TestImmediateCanceled: a Cancel of a running immediate task, from
+// anywhere, reaches its handler in the caller, and the task ends canceled.
+func TestImmediateCanceled(t *testing.T) {
+	t.Parallel()
+	c := newClient(t)
+	ctx := ctxT(t, 30*time.Second)
+	im := newImmediate(t, c)
+	ids := make(chan int64, 1)
+	canceled := make(chan error, 1)
+	go func() {
+		id := recv(t, ids, 10*time.Second)
+		canceled <- c.Cancel(ctx, id)
+	}()
+	task, err := im.Run(ctx, "long", nil, func(ctx context.Context, task *tasking.Task) error {
+		ids <- task.ID
+		<-ctx.Done()
+		if !errors.Is(context.Cause(ctx), tasking.ErrCanceled) {
+			return fmt.Errorf("cause %v", context.Cause(ctx))
+		}
+		return nil
+	}, tasking.Exclusive("r"))
+	require.NoError(t, err)
+	require.NoError(t, recv(t, canceled, time.Second))
+	require.Equal(t, tasking.StateCanceled, task.State, task.Error)
+	require.ErrorIs(t, task.Err(), tasking.ErrCanceled)
+	stored, err := c.Get(ctx, task.ID)
+	require.NoError(t, err)
+	require.Equal(t, tasking.StateCanceled, stored.State)
+}

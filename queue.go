@@ -50,6 +50,7 @@ type queries struct {
 	finishImmediate   string
 	unclaimImmediate  string
 	progressImmediate string
+	state             string
 }
 
 const taskCols = `id, name, args, exclusive, shared, state, coalesce(worker_id, 0), epoch,
@@ -103,6 +104,7 @@ func newQueries(schema string) queries {
 		finishImmediate: `SELECT state, finished_at, ready FROM ` + s + `.finish_immediate($1, $2, $3, $4, $5, $6, $7)`,
 		unclaimImmediate: `UPDATE ` + s + `.tasks SET state = 'waiting', started_at = NULL, lease_until = NULL
 			WHERE id = $1 AND epoch = $2 AND worker_id IS NULL AND state = 'running'`,
+		state: `SELECT state FROM ` + s + `.tasks WHERE id = $1`,
 		progressImmediate: `UPDATE ` + s + `.tasks SET progress = $3::jsonb
 			WHERE id = $1 AND epoch = $2 AND worker_id IS NULL AND state IN ('running', 'canceling')`,
 		groupsDone: `SELECT g.id FROM ` + s + `.groups g
