@@ -246,5 +246,8 @@ func checkListFilter(f ListFilter) error {
 			return err
 		}
 	}
+	if f.Parent < 0 || f.Group < 0 {
+		return inputErr("filter", "parent %d and group %d must not be negative", f.Parent, f.Group)
+	}
 	return nil
 }
