@@ -68,26 +68,27 @@ BEGIN
     -- cleanup could fail those tasks under it.
     IF p_free > 0 AND EXISTS (SELECT 1 FROM {{schema}}.workers w
                                WHERE w.id = p_worker AND w.heartbeat_at > now() - p_fresh_ms * interval '1 ms') THEN
-        RETURN QUERY
-        UPDATE {{schema}}.tasks t
-           SET state = 'running', worker_id = p_worker, epoch = t.epoch + 1, started_at = clock_timestamp()
-         WHERE t.id = ANY (ARRAY(
+        claimed := ARRAY(
                 SELECT c.id FROM {{schema}}.tasks c
                  WHERE c.state = 'waiting' AND c.blockers = 0 AND c.name = ANY (p_names)
                    AND (p_locks OR c.exclusive = '{}' AND c.shared = '{}')
-                 ORDER BY c.id LIMIT p_free FOR UPDATE SKIP LOCKED))
+                 ORDER BY c.id LIMIT p_free FOR UPDATE SKIP LOCKED);
+        RETURN QUERY
+        UPDATE {{schema}}.tasks t
+           SET state = 'running', worker_id = p_worker, epoch = t.epoch + 1, started_at = clock_timestamp()
+         WHERE t.id = ANY (claimed)
         RETURNING 'c'::"char", t.id, t.name, t.args, t.exclusive, t.shared, t.epoch, t.created_at,
                   t.started_at, coalesce(t.timeout_ms, 0);
     END IF;
-    n_left := (SELECT count(*) FROM unnest(ready) r
-              WHERE NOT EXISTS (SELECT 1 FROM {{schema}}.tasks t
-                                 WHERE t.id = r AND t.worker_id = p_worker AND t.state = 'running'));
+    -- Counted from the arrays, not by looking the tasks up again: a lookup
+    -- by worker would read every entry the worker's index has collected
+    -- since the last vacuum.
+    n_left := (SELECT count(*) FROM unnest(ready) r WHERE r <> ALL (claimed));
     RETURN QUERY SELECT 's'::"char", n_left::bigint, NULL::text, NULL::jsonb, NULL::text[], NULL::text[],
                         (EXISTS (SELECT 1 FROM {{schema}}.handoffs ORDER BY resource LIMIT 1))::integer,
                         NULL::timestamptz, NULL::timestamptz, NULL::bigint;
 END
 $$;
-
 
 -- Parent and child tasks, task groups. A task dispatched from inside a
 -- running handler records that task as its parent; a task may belong to a
