@@ -62,6 +62,7 @@ type run struct {
 	hungerSay     coalescer       // this worker's hunger messages
 	msgCtx        context.Context // for messages to the other workers; canceled at shutdown
 	stopMsgs      context.CancelFunc
+	registered    atomic.Bool  // id and log are set (register): peer messages may go out
 	live          atomic.Int64 // live workers in the fleet, from the last heartbeat
 	beatLog       failureLog   // heartbeats and cleanups that keep failing are logged once, then summarised
 	cleanLog      failureLog
