@@ -123,7 +123,9 @@ func NewImmediate(c *Client, opts ...ImmediateOption) *Immediate {
 // children record it as their parent. Progress reports are written while
 // it runs, as on a worker. [Client.Cancel], from any process, cancels the
 // handler's context (cause [ErrCanceled]) within about half a second, and
-// the task ends canceled. Cancelling ctx cancels the handler's.
+// the task ends canceled. Cancelling ctx cancels the handler's. A worker's
+// middleware and error handler do not apply (no worker runs it), and no
+// OpenTelemetry span or metric is recorded for it.
 func (im *Immediate) Run(ctx context.Context, name string, args any, fn HandlerFunc, opts ...DispatchOption) (*Task, error) {
 	if fn == nil {
 		return nil, inputErr("handler", "nil HandlerFunc")
