@@ -62,6 +62,14 @@ BEGIN
     RETURN QUERY SELECT 'f'::"char", d, NULL::text, NULL::jsonb, NULL::text[], NULL::text[],
                         NULL::integer, NULL::timestamptz, NULL::timestamptz, NULL::bigint
                    FROM unnest(done) d;
+    -- A step is a heartbeat too: a busy worker whose heartbeat statement
+    -- is late (a loaded machine, the connection busy with steps) stays
+    -- alive while it steps. Refreshed once it is half of p_fresh_ms old
+    -- (a third of the TTL), and only while still fresh: a worker that
+    -- already went stale is left to its heartbeat and to cleanup.
+    UPDATE {{schema}}.workers w SET heartbeat_at = now()
+     WHERE w.id = p_worker AND w.heartbeat_at < now() - p_fresh_ms * interval '500 us'
+       AND w.heartbeat_at > now() - p_fresh_ms * interval '1 ms';
     -- Claim only while this worker's heartbeat is fresh: cleanup declares a
     -- worker lost after a TTL without one, and p_fresh_ms (two thirds of
     -- it) leaves the worker that much time to start what it claims before
