@@ -119,3 +119,55 @@ func BenchmarkCancelLatency(b *testing.B) {
 	b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "p50-ms")
 	b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds())/1000, "p99-ms")
 }
+
+// BenchmarkImmediateLatency measures call-to-result latency of an
+// uncontended task on one exclusive resource (target p50 <= 2 ms):
+// Immediate.Run with each locker, against Dispatch + Wait on an idle worker:
+// go test -run ^$ -bench ImmediateLatency -benchtime 500x .
+func BenchmarkImmediateLatency(b *testing.B) {
+	noop := func(context.Context, *tasking.Task) error { return nil }
+	for _, lk := range []string{"postgres", "redis"} {
+		b.Run("immediate/"+lk, func(b *testing.B) {
+			c := newClient(b, lockerOpts(b, lk)...)
+			im := newImmediate(b, c)
+			ctx := context.Background()
+			_, err := im.Run(ctx, "warm", nil, noop, tasking.Exclusive("x")) // opens the lock session
+			require.NoError(b, err)
+			measureLatency(b, func() {
+				task, err := im.Run(ctx, "noop", nil, noop, tasking.Exclusive("x"))
+				require.NoError(b, err)
+				require.Equal(b, tasking.StateCompleted, task.State)
+			})
+		})
+		b.Run("dispatch+wait/"+lk, func(b *testing.B) {
+			c := newClient(b, lockerOpts(b, lk)...)
+			w := tasking.NewWorker(c)
+			w.Handle("noop", noop)
+			runWorker(b, w)
+			ctx := context.Background()
+			measureLatency(b, func() {
+				task, err := c.Dispatch(ctx, "noop", nil, tasking.Exclusive("x"))
+				require.NoError(b, err)
+				done, err := c.Wait(ctx, task.ID)
+				require.NoError(b, err)
+				require.Equal(b, tasking.StateCompleted, done.State)
+			})
+		})
+	}
+}
+
+// measureLatency runs call b.N times and reports the percentiles.
+func measureLatency(b *testing.B, call func()) {
+	lat := make([]time.Duration, 0, b.N)
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		at := time.Now()
+		call()
+		lat = append(lat, time.Since(at))
+	}
+	b.StopTimer()
+	slices.Sort(lat)
+	b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "p50-ms")
+	b.ReportMetric(float64(lat[len(lat)*9/10].Microseconds())/1000, "p90-ms")
+	b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds())/1000, "p99-ms")
+}

@@ -87,6 +87,67 @@
 // Handlers should return promptly once their context is done;
 // context.Cause(ctx) tells why.
 //
+// # Task groups
+//
+// A group is a set of tasks waited for and canceled as one (Pulp's task
+// groups). [Client.DispatchGroup] creates one, fills it and marks it all
+// dispatched in one transaction; or fill it over time: [Client.CreateGroup],
+// dispatch with [InGroup], then [Client.MarkAllDispatched]. A group is done
+// when it is marked all dispatched and every task in it is final.
+// [Client.GetGroup] reads its state and its tasks counted per state,
+// [Client.WaitGroup] waits until it is done, and [Client.CancelGroup]
+// cancels it: its waiting tasks at once, its running ones as [Client.Cancel]
+// does, and no task joins it any more ([ErrGroupCanceled]). A group marked
+// all dispatched takes no new tasks ([ErrGroupClosed]), except the children
+// of its tasks that still run. Grouping changes nothing about order: tasks
+// of a group conflict with each other, and with tasks outside it, by their
+// resources alone.
+//
+// # Child tasks
+//
+// A task dispatched with the context of a running handler (or one derived
+// from it) records the handler's task as its [Task.Parent], with every
+// Dispatch function, and joins that task's group unless [InGroup] says
+// otherwise ([NoGroup] for none). [ListFilter] selects by Parent and by
+// Group:
+//
+//	tasking.HandleFunc(w, "sync", func(ctx context.Context, repo string) error {
+//		_, err := client.Dispatch(ctx, "publish", repo, tasking.Exclusive("repo:"+repo))
+//		return err
+//	})
+//	children, _, err := client.List(ctx, tasking.ListFilter{Parent: sync.ID})
+//
+// # Report progress
+//
+// A handler reports how far it has got with [Task.ReportProgress]: one or
+// more named reports, each with a message, done and total counts and a
+// state ([Progress], Pulp's progress reports). [Client.Get] and
+// [Client.List] show them in [Task.Progress] while the task runs. Call it
+// as often as you like: the worker writes the latest reports of all its
+// tasks in one statement, at most every 250 ms, and the last reports of a
+// task go to the database with its final state, never after it.
+//
+// # Immediate tasks
+//
+// An [Immediate] runs a task in the caller's process, now, when nothing
+// earlier conflicts with it (Pulp's immediate dispatch): [Immediate.Run]
+// dispatches it, takes its locks through the client's locker, runs the
+// handler in the calling goroutine with a deadline ([Timeout], default
+// [DefaultImmediateTimeout]), records the final state like a worker does,
+// and returns the final task. When an earlier task that is not final
+// conflicts with it, it returns a [*BlockedError] naming what it waits
+// behind (nothing is recorded), or, with [DeferIfBlocked], leaves the task
+// waiting for the workers. Either way the order is the queue's: an
+// immediate task never overtakes an earlier conflicting task, and a later
+// one waits for it. [Client.Cancel] reaches the handler within about half a
+// second. If the caller dies while it runs, the fleet's cleanup fails the
+// task once its deadline plus [WithImmediateTTL] has passed (a worker must
+// run somewhere in the fleet for that).
+//
+//	im := tasking.NewImmediate(client)
+//	defer im.Close(ctx)
+//	task, err := im.Run(ctx, "rename", args, rename, tasking.Exclusive("repo:a"))
+//
 // # Failures
 //
 // Workers send heartbeats; a worker missed for a TTL ([WithHeartbeatTTL]) is

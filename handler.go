@@ -3,6 +3,7 @@ package tasking
 import (
 	"cmp"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"runtime/debug"
@@ -11,17 +12,18 @@ import (
 
 // outcome is a handler's end, to be written by the next step.
 type outcome struct {
-	task  *Task
-	state State
-	err   string
-	owner bool          // holds locker grants to release
-	ran   time.Duration // how long the handler ran
+	task     *Task
+	state    State
+	err      string
+	owner    bool            // holds locker grants to release
+	ran      time.Duration   // how long the handler ran
+	progress json.RawMessage // the last progress reports, nil for none
 }
 
 // start runs t's handler in its own goroutine. Its outcome goes to the step
 // loop, which writes it in its next step.
 func (r *run) start(t *Task) {
-	t.live = &liveTask{}
+	t.live = &liveTask{schema: r.c.schema, mark: r.progress.mark}
 	h := r.handlers[t.Name]
 	hctx, cancel := context.WithCancelCause(r.base)
 	hctx = context.WithValue(hctx, taskKey{}, t)
@@ -59,7 +61,7 @@ func (r *run) start(t *Task) {
 			}
 			r.settleHandler(hctx, t, a, err, stopTimer)
 		}()
-		err = r.call(hctx, h.fn, t)
+		err = callHandler(hctx, h.fn, t)
 		returned = true
 	}()
 }
@@ -82,7 +84,9 @@ func (r *run) settleHandler(hctx context.Context, t *Task, a *activeTask, err er
 	a.cancel(nil)
 	delete(r.active, t.ID)
 	r.unsent[t.ID] = struct{}{}
-	o := outcome{task: t, state: StateCompleted, owner: a.names, ran: a.ran()}
+	// The last progress reports go with the final state, in one write.
+	o := outcome{task: t, state: StateCompleted, owner: a.names, ran: a.ran(), progress: t.live.endProgress()}
+	r.progress.forget(t)
 	var why error // for the error handler
 	switch {
 	case a.lost:
@@ -116,15 +120,15 @@ func errorText(err error) string {
 	return err.Error()
 }
 
-// call runs the handler inside the worker's middleware, turning a panic
-// (in either) into a [*PanicError] with its stack.
-func (r *run) call(ctx context.Context, fn HandlerFunc, t *Task) (err error) {
+// callHandler runs the handler (a worker's is wrapped in its middleware),
+// turning a panic into a [*PanicError] with its stack.
+func callHandler(ctx context.Context, fn HandlerFunc, t *Task) (err error) {
 	defer func() {
 		if v := recover(); v != nil {
 			err = &PanicError{Value: v, Stack: debug.Stack()}
 		}
 	}()
-	return fn(ctx, t) // fn is wrapped in the middleware (newRun)
+	return fn(ctx, t) // a worker's fn is wrapped in its middleware (newRun)
 }
 
 // send hands an outcome to the step loop, unless shutdown has closed the

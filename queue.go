@@ -29,17 +29,33 @@ type queries struct {
 	dispatch string
 	traced   string // dispatch that stores the trace context ($7) with the tasks
 	traces   string
+	related  string // dispatch_related, for tasks with a parent or a group
+	relTrace string // related that stores the trace context ($9) with the tasks
 	cancel   string
 	get      string
 	list     string
 	finals   string
 	step     string
 	unclaim  string
+	progress string
+
+	createGroup string
+	markGroup   string
+	getGroup    string
+	cancelGroup string
+	groupsDone  string
+
+	immediate         string
+	immediateOwner    string
+	finishImmediate   string
+	unclaimImmediate  string
+	progressImmediate string
+	state             string
 }
 
 const taskCols = `id, name, args, exclusive, shared, state, coalesce(worker_id, 0), epoch,
 	created_at, coalesce(started_at, 'epoch'), coalesce(finished_at, 'epoch'), coalesce(error, ''), result,
-	coalesce(timeout_ms, 0)`
+	coalesce(timeout_ms, 0), progress, coalesce(parent_id, 0), coalesce(group_id, 0)`
 
 func newQueries(schema string) queries {
 	s := pgx.Identifier{schema}.Sanitize()
@@ -48,17 +64,53 @@ func newQueries(schema string) queries {
 		traced: `WITH d AS (SELECT id, created_at, ready FROM ` + s + `.dispatch($1, $2, $3, $4, $5, $6)),
 			tr AS (INSERT INTO ` + s + `.task_traces (task, parent) SELECT id, $7 FROM d)
 			SELECT id, created_at, ready FROM d`,
-		traces: `SELECT task, parent FROM ` + s + `.task_traces WHERE task = ANY ($1)`,
+		traces:  `SELECT task, parent FROM ` + s + `.task_traces WHERE task = ANY ($1)`,
+		related: `SELECT id, created_at, ready, coalesce(group_id, 0) FROM ` + s + `.dispatch_related($1, $2, $3, $4, $5, $6, $7, $8)`,
+		relTrace: `WITH d AS (SELECT id, created_at, ready, coalesce(group_id, 0) AS g
+			                FROM ` + s + `.dispatch_related($1, $2, $3, $4, $5, $6, $7, $8)),
+			tr AS (INSERT INTO ` + s + `.task_traces (task, parent) SELECT id, $9 FROM d)
+			SELECT id, created_at, ready, g FROM d`,
 		cancel: `SELECT state, ready FROM ` + s + `.cancel($1, $2)`,
 		get:    `SELECT ` + taskCols + ` FROM ` + s + `.tasks WHERE id = $1`,
 		list: `SELECT ` + taskCols + ` FROM ` + s + `.tasks
 			WHERE id > $1 AND ($2 = '' OR state = $2) AND ($3 = '' OR name = $3)
 			  AND ($4 = '' OR $4 = ANY(exclusive) OR $4 = ANY(shared))
+			  AND ($6 = 0 OR parent_id = $6) AND ($7 = 0 OR group_id = $7)
 			ORDER BY id LIMIT $5`,
 		finals: `SELECT ` + taskCols + ` FROM ` + s + `.tasks
 			WHERE id = ANY($1) AND state IN ('completed', 'failed', 'canceled')`,
 		step: `SELECT kind, id, name, args, exclusive, shared, epoch, created_at, started_at, timeout_ms
-			FROM ` + s + `.step($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)`,
+			FROM ` + s + `.step($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)`,
+		// Progress reports of running tasks (progress.go), guarded by
+		// worker, epoch and state like every write of a worker.
+		progress: `UPDATE ` + s + `.tasks t SET progress = v.p::jsonb
+			FROM unnest($2::bigint[], $3::int[], $4::text[]) AS v(id, epoch, p)
+			WHERE t.id = v.id AND t.worker_id = $1 AND t.epoch = v.epoch AND t.state IN ('running', 'canceling')`,
+
+		createGroup: `INSERT INTO ` + s + `.groups DEFAULT VALUES RETURNING id, created_at`,
+		markGroup:   `UPDATE ` + s + `.groups SET all_dispatched = true WHERE id = $1`,
+		getGroup: `SELECT g.id, g.created_at, g.all_dispatched, g.canceled,
+			       coalesce(c.states, '{}'), coalesce(c.counts, '{}')
+			  FROM ` + s + `.groups g
+			  LEFT JOIN LATERAL (SELECT array_agg(x.state) AS states, array_agg(x.n) AS counts
+			                       FROM (SELECT t.state, count(*) AS n FROM ` + s + `.tasks t
+			                              WHERE t.group_id = g.id GROUP BY t.state) x) c ON true
+			 WHERE g.id = $1`,
+		cancelGroup: `SELECT id, state, ready FROM ` + s + `.cancel_group($1, $2)`,
+
+		immediate: `SELECT id, created_at, group_id, claimed, epoch, started_at
+			FROM ` + s + `.dispatch_immediate($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)`,
+		immediateOwner:  `SELECT -nextval('` + s + `.immediate_seq')`,
+		finishImmediate: `SELECT state, finished_at, ready FROM ` + s + `.finish_immediate($1, $2, $3, $4, $5, $6, $7)`,
+		unclaimImmediate: `UPDATE ` + s + `.tasks SET state = 'waiting', started_at = NULL, lease_until = NULL
+			WHERE id = $1 AND epoch = $2 AND worker_id IS NULL AND state = 'running'`,
+		state: `SELECT state FROM ` + s + `.tasks WHERE id = $1`,
+		progressImmediate: `UPDATE ` + s + `.tasks SET progress = $3::jsonb
+			WHERE id = $1 AND epoch = $2 AND worker_id IS NULL AND state IN ('running', 'canceling')`,
+		groupsDone: `SELECT g.id FROM ` + s + `.groups g
+			WHERE g.id = ANY($1) AND g.all_dispatched
+			  AND NOT EXISTS (SELECT 1 FROM ` + s + `.tasks t
+			                   WHERE t.group_id = g.id AND t.state IN ('waiting', 'running', 'canceling'))`,
 		// Puts back tasks this worker claimed but will not run (their locks
 		// were refused, or the step's reply was lost), guarded by owner and
 		// epoch. Their line entries never left: they keep their place.
@@ -85,17 +137,23 @@ func hashKey(space, ns, name string) int64 {
 	return int64(binary.BigEndian.Uint64(h.Sum(sum[:0])))
 }
 
-// insert runs the dispatch function. ready: some task was ready at once.
-// parent, when not empty, is the trace context stored with the tasks.
-func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch, autocommit bool, parent string) (tasks []*Task, ready bool, err error) {
+// insert runs the dispatch function (dispatch_related for tasks with a
+// parent or a group). ready: some task was ready at once. trace, when not
+// empty, is the trace context stored with the tasks; parent is the id of
+// the task whose handler dispatches them, 0 if none.
+func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch, autocommit bool, trace string, parent int64) (tasks []*Task, ready bool, err error) {
 	names := make([]string, len(b.specs))
 	excl := make([][]string, len(b.specs))
 	shared := make([][]string, len(b.specs))
 	args := make([]string, len(b.specs))
 	timeouts := make([]int64, len(b.specs))
+	groups := make([]int64, len(b.specs))
+	related := parent != 0
 	for i, s := range b.specs {
 		names[i], excl[i], shared[i], args[i] = s.Name, s.Exclusive, s.Shared, string(b.args[i])
 		timeouts[i] = s.Timeout.Milliseconds()
+		groups[i] = s.Group
+		related = related || s.Group > 0
 	}
 	exclJSON, _ := json.Marshal(excl)
 	sharedJSON, _ := json.Marshal(shared)
@@ -104,10 +162,15 @@ func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch, autoc
 		channel = c.bus.autocommitChannel()
 	}
 	var rows pgx.Rows
-	if parent == "" {
+	switch {
+	case related && trace != "":
+		rows, err = db.Query(ctx, c.q.relTrace, names, args, string(exclJSON), string(sharedJSON), timeouts, channel, parent, groups, trace)
+	case related:
+		rows, err = db.Query(ctx, c.q.related, names, args, string(exclJSON), string(sharedJSON), timeouts, channel, parent, groups)
+	case trace != "":
+		rows, err = db.Query(ctx, c.q.traced, names, args, string(exclJSON), string(sharedJSON), timeouts, channel, trace)
+	default:
 		rows, err = db.Query(ctx, c.q.dispatch, names, args, string(exclJSON), string(sharedJSON), timeouts, channel)
-	} else {
-		rows, err = db.Query(ctx, c.q.traced, names, args, string(exclJSON), string(sharedJSON), timeouts, channel, parent)
 	}
 	if err != nil {
 		return nil, false, dispatchErr(err)
@@ -115,12 +178,17 @@ func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch, autoc
 	type inserted struct {
 		id      int64
 		created time.Time
+		group   int64
 	}
 	var got []inserted
 	for rows.Next() {
 		var r inserted
 		var rd bool
-		if err := rows.Scan(&r.id, &r.created, &rd); err != nil {
+		dest := []any{&r.id, &r.created, &rd}
+		if related {
+			dest = append(dest, &r.group)
+		}
+		if err := rows.Scan(dest...); err != nil {
 			rows.Close()
 			return nil, false, fmt.Errorf("tasking: dispatch: %w", err)
 		}
@@ -140,7 +208,7 @@ func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch, autoc
 		s := b.specs[i]
 		tasks[i] = &Task{
 			ID: r.id, Name: s.Name, Args: b.args[i], Exclusive: s.Exclusive, Shared: s.Shared,
-			State: StateWaiting, CreatedAt: r.created, Timeout: s.Timeout,
+			State: StateWaiting, CreatedAt: r.created, Timeout: s.Timeout, Parent: parent, Group: r.group,
 		}
 	}
 	return tasks, ready, nil
@@ -154,6 +222,9 @@ func dispatchErr(err error) error {
 	if errors.As(err, &pgErr) && strings.HasPrefix(pgErr.Code, "22") {
 		return &InputError{Field: "args", Problem: "PostgreSQL cannot store them: " + pgErr.Message}
 	}
+	if err := groupErr(err); err != nil {
+		return err
+	}
 	return fmt.Errorf("tasking: dispatch: %w", err)
 }
 
@@ -162,10 +233,16 @@ func scanTask(row pgx.Row) (*Task, error) {
 	var state string
 	var args, result []byte
 	var timeoutMS int64
+	var progress []byte
 	err := row.Scan(&t.ID, &t.Name, &args, &t.Exclusive, &t.Shared, &state, &t.WorkerID, &t.Epoch,
-		&t.CreatedAt, &t.StartedAt, &t.FinishedAt, &t.Error, &result, &timeoutMS)
+		&t.CreatedAt, &t.StartedAt, &t.FinishedAt, &t.Error, &result, &timeoutMS, &progress, &t.Parent, &t.Group)
 	if err != nil {
 		return nil, err
+	}
+	if progress != nil {
+		if err := json.Unmarshal(progress, &t.Progress); err != nil {
+			return nil, fmt.Errorf("progress of task %d: %w", t.ID, err)
+		}
 	}
 	t.State = State(state)
 	t.Timeout = time.Duration(timeoutMS) * time.Millisecond
@@ -222,17 +299,21 @@ type stepResult struct {
 func (c *Client) step(ctx context.Context, conn *workerConn, worker int64, outs []outcome, names []string, free int, fresh time.Duration, locks bool) (stepResult, error) {
 	n := len(outs)
 	ids, epochs := make([]int64, n), make([]int32, n)
-	states, errs, results := make([]string, n), make([]string, n), make([]*string, n)
+	states, errs, results, progress := make([]string, n), make([]string, n), make([]*string, n), make([]*string, n)
 	for i, o := range outs {
 		ids[i], epochs[i], states[i], errs[i] = o.task.ID, int32(o.task.Epoch), string(o.state), o.err
 		if r := o.task.takeResult(); r != nil {
 			s := string(r)
 			results[i] = &s
 		}
+		if o.progress != nil {
+			s := string(o.progress)
+			progress[i] = &s
+		}
 	}
 	res := stepResult{done: make(map[int64]bool, n)}
 	err := conn.use(ctx, func(conn *pgx.Conn) error {
-		rows, err := conn.Query(ctx, c.q.step, worker, ids, epochs, states, errs, results, names, free, fresh.Milliseconds(), locks)
+		rows, err := conn.Query(ctx, c.q.step, worker, ids, epochs, states, errs, results, names, free, fresh.Milliseconds(), locks, progress)
 		if err != nil {
 			return err
 		}
@@ -273,6 +354,8 @@ type ListFilter struct {
 	State    State  // only tasks in this state
 	Name     string // only tasks with this name
 	Resource string // only tasks naming this resource, in either mode
+	Parent   int64  // only the tasks dispatched by this task's handler
+	Group    int64  // only the tasks in this group
 	After    int64  // cursor: only tasks with a larger id (pass the previous page's next)
 	Limit    int    // page size; default 100, at most 10,000
 }
@@ -298,7 +381,7 @@ func (c *Client) List(ctx context.Context, f ListFilter) ([]*Task, int64, error)
 	if err := c.checkSchema(ctx); err != nil {
 		return nil, 0, err
 	}
-	rows, err := c.pool.Query(ctx, c.q.list, f.After, string(f.State), f.Name, f.Resource, f.Limit+1)
+	rows, err := c.pool.Query(ctx, c.q.list, f.After, string(f.State), f.Name, f.Resource, f.Limit+1, f.Parent, f.Group)
 	if err != nil {
 		return nil, 0, fmt.Errorf("tasking: list tasks: %w", err)
 	}

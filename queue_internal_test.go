@@ -58,10 +58,13 @@ func modelReady(ts []modelTask) []int64 {
 }
 
 // TestReadyMatchesModel drives the schema's functions (dispatch, step,
-// cancel) through a seeded random history of dispatches, claims, finishes
-// and cancels, on few names so that lines are long and tasks name several,
-// and checks after every action that the ready tasks are exactly those the
-// definition says. Replay a failure with TASKING_SEED.
+// cancel, and dispatch_related, cancel_group, dispatch_immediate,
+// finish_immediate) through a seeded random history of dispatches (some
+// into groups), claims, finishes, cancels, group cancels and immediate
+// tasks, on few names so that lines are long and tasks name several, and
+// checks after every action that the ready tasks are exactly those the
+// definition says, and that an immediate task is claimed exactly when the
+// definition says it is ready. Replay a failure with TASKING_SEED.
 func TestReadyMatchesModel(t *testing.T) {
 	t.Parallel()
 	pool := testdb.Pool(t, 4)
@@ -82,6 +85,28 @@ func TestReadyMatchesModel(t *testing.T) {
 	var model []modelTask
 	byID := map[int64]int{}
 	running := map[int64]*Task{}
+	immediate := map[int64]*Task{} // claimed by dispatch_immediate, not finished
+	var groups []int64
+	groupOf := map[int64]int64{}
+	im := &Immediate{c: c}
+	var claimedN, deferredN, refusedN, groupCancels int
+	defer func() {
+		t.Logf("immediate: %d claimed, %d deferred, %d refused; %d group cancels", claimedN, deferredN, refusedN, groupCancels)
+	}()
+	specs := func() []TaskSpec {
+		var specs []TaskSpec
+		for j := 0; j < 1+rng.IntN(3); j++ {
+			var opts []DispatchOption
+			for n := rng.IntN(3); n > 0; n-- {
+				opts = append(opts, Exclusive(name()))
+			}
+			for n := rng.IntN(3); n > 0; n-- {
+				opts = append(opts, Shared(name()))
+			}
+			specs = append(specs, Spec("t", nil, opts...))
+		}
+		return specs
+	}
 
 	readyInDB := func() []int64 {
 		rows, err := pool.Query(ctx, `SELECT id FROM `+pgIdent(c.schema)+`.tasks
@@ -106,25 +131,23 @@ func TestReadyMatchesModel(t *testing.T) {
 		require.Zero(t, left, "handoffs left for later with no concurrent transaction")
 	}
 
-	for step := 0; step < 400; step++ {
-		switch k := rng.IntN(10); {
-		case k < 4: // dispatch a small batch
-			var specs []TaskSpec
-			for j := 0; j < 1+rng.IntN(3); j++ {
-				var opts []DispatchOption
-				for n := rng.IntN(3); n > 0; n-- {
-					opts = append(opts, Exclusive(name()))
+	for step := 0; step < 600; step++ {
+		switch k := rng.IntN(14); {
+		case k < 4: // dispatch a small batch, maybe into a group
+			sp := specs()
+			g := int64(0)
+			if len(groups) > 0 && rng.IntN(2) == 0 {
+				g = groups[rng.IntN(len(groups))]
+				for i := range sp {
+					sp[i].Group = g
 				}
-				for n := rng.IntN(3); n > 0; n-- {
-					opts = append(opts, Shared(name()))
-				}
-				specs = append(specs, Spec("t", nil, opts...))
 			}
-			ts, err := c.DispatchMany(ctx, specs...)
+			ts, err := c.DispatchMany(ctx, sp...)
 			require.NoError(t, err)
 			for _, tk := range ts {
 				byID[tk.ID] = len(model)
 				model = append(model, modelTask{id: tk.ID, excl: tk.Exclusive, shr: tk.Shared, state: StateWaiting})
+				groupOf[tk.ID] = g
 			}
 			check(step, "dispatch")
 		case k < 7: // finish some running tasks and claim up to a few
@@ -133,6 +156,9 @@ func TestReadyMatchesModel(t *testing.T) {
 				if rng.IntN(2) == 0 {
 					st := []State{StateCompleted, StateFailed}[rng.IntN(2)]
 					outs = append(outs, outcome{task: tk, state: st})
+					if model[byID[id]].state == StateCanceling {
+						st = StateCanceled
+					}
 					model[byID[id]].state = st
 					delete(running, id)
 				}
@@ -146,7 +172,7 @@ func TestReadyMatchesModel(t *testing.T) {
 				running[tk.ID] = tk
 			}
 			check(step, "step")
-		default: // cancel a waiting task
+		case k < 8: // cancel a waiting task
 			var waiting []int64
 			for _, m := range model {
 				if m.state == StateWaiting {
@@ -160,6 +186,71 @@ func TestReadyMatchesModel(t *testing.T) {
 			require.NoError(t, c.Cancel(ctx, id))
 			model[byID[id]].state = StateCanceled
 			check(step, "cancel")
+		case k < 10: // an immediate task: claimed if and only if ready
+			sp := specs()[0]
+			deferIt := rng.IntN(2) == 0
+			b, err := prepareBatch([]TaskSpec{sp})
+			require.NoError(t, err)
+			tk, claimed, err := c.dispatchImmediate(ctx, b, 0, time.Hour, deferIt)
+			probe := append(slices.Clone(model), modelTask{id: 1 << 62, excl: b.specs[0].Exclusive, shr: b.specs[0].Shared, state: StateWaiting})
+			ready := slices.Contains(modelReady(probe), 1<<62)
+			if err != nil {
+				require.ErrorIs(t, err, ErrBlocked)
+				require.False(t, ready || deferIt, "seed %d: immediate task refused: %v", seed, err)
+				refusedN++
+				check(step, "immediate refused")
+				continue
+			}
+			require.Equal(t, ready, claimed, "seed %d, action %d: immediate task %d claimed", seed, step, tk.ID)
+			byID[tk.ID] = len(model)
+			m := modelTask{id: tk.ID, excl: tk.Exclusive, shr: tk.Shared, state: StateWaiting}
+			if claimed {
+				m.state = StateRunning
+				immediate[tk.ID] = tk
+				claimedN++
+			} else {
+				deferredN++
+			}
+			model = append(model, m)
+			check(step, "immediate")
+		case k < 11: // the caller of an immediate task finishes it
+			for id, tk := range immediate {
+				done, err := im.finish(ctx, tk, StateCompleted, "")
+				require.NoError(t, err)
+				st := StateCompleted
+				if model[byID[id]].state == StateCanceling {
+					st = StateCanceled
+				}
+				require.Equal(t, st, done.State)
+				model[byID[id]].state = st
+				delete(immediate, id)
+				break
+			}
+			check(step, "finish immediate")
+		case k < 12: // a new group
+			g, err := c.CreateGroup(ctx)
+			require.NoError(t, err)
+			groups = append(groups, g.ID)
+		default: // cancel a group
+			if len(groups) == 0 {
+				continue
+			}
+			g := groups[rng.IntN(len(groups))]
+			require.NoError(t, c.CancelGroup(ctx, g))
+			groupCancels++
+			groups = slices.DeleteFunc(groups, func(x int64) bool { return x == g })
+			for i, m := range model {
+				if groupOf[m.id] != g {
+					continue
+				}
+				switch m.state {
+				case StateWaiting:
+					model[i].state = StateCanceled
+				case StateRunning:
+					model[i].state = StateCanceling
+				}
+			}
+			check(step, "cancel group")
 		}
 	}
 }

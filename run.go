@@ -34,6 +34,7 @@ type run struct {
 	handlers map[string]handler
 	names    []string // handled task names
 	lock     LockSession
+	progress *progressFlusher // progress reports to write (progress.go)
 
 	// base parents every handler context; canceling it cuts off handlers at
 	// the end of the shutdown grace.
@@ -61,6 +62,7 @@ type run struct {
 	hungerSay     coalescer       // this worker's hunger messages
 	msgCtx        context.Context // for messages to the other workers; canceled at shutdown
 	stopMsgs      context.CancelFunc
+	registered    atomic.Bool  // id and log are set (register): peer messages may go out
 	live          atomic.Int64 // live workers in the fleet, from the last heartbeat
 	beatLog       failureLog   // heartbeats and cleanups that keep failing are logged once, then summarised
 	cleanLog      failureLog
@@ -110,6 +112,7 @@ func newRun(w *Worker, handlers map[string]handler) *run {
 		results:       make(chan outcome, 4*w.cfg.slots),
 		wake:          make(chan struct{}, 1),
 		log:           c.log.With("worker", w.cfg.name),
+		progress:      newProgressFlusher(),
 	}
 	r.msgCtx, r.stopMsgs = context.WithCancel(context.Background())
 	r.lanes = []*workerConn{r.conn}
@@ -174,7 +177,8 @@ func (r *run) signal() {
 func (r *run) serve(ctx context.Context, grace func() context.Context) error {
 	bg, stopBg := context.WithCancel(context.WithoutCancel(ctx))
 	var bgW sync.WaitGroup
-	bgW.Add(3)
+	bgW.Add(4)
+	go func() { defer bgW.Done(); r.flushProgress(bg) }()
 	go func() { defer bgW.Done(); _ = r.c.bus.listen(bg, r) }()
 	go func() {
 		defer bgW.Done()
@@ -259,7 +263,9 @@ func (r *run) abandon() []int64 {
 		a.abandoned = true
 		delete(r.active, id)
 		r.unsent[id] = struct{}{}
-		outs = append(outs, outcome{task: a.task, state: StateFailed, err: reasonAbandoned, owner: a.names, ran: a.ran()})
+		outs = append(outs, outcome{task: a.task, state: StateFailed, err: reasonAbandoned, owner: a.names, ran: a.ran(),
+			progress: a.task.live.endProgress()})
+		r.progress.forget(a.task)
 		endSpan(a.span, ErrHandlersAbandoned)
 		ids = append(ids, id)
 	}

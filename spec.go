@@ -35,7 +35,10 @@ func prepareBatch(specs []TaskSpec) (*preparedBatch, error) {
 		if s.Timeout < 0 || (s.Timeout > 0 && s.Timeout < time.Millisecond) {
 			return nil, inputErr("timeout", "%v, need at least 1ms (or 0 for none)", s.Timeout)
 		}
-		b.specs[i] = TaskSpec{Name: s.Name, Exclusive: excl, Shared: shared, Timeout: s.Timeout}
+		if s.Group < NoGroup {
+			return nil, inputErr("group", "%d, need a group id, 0 (the parent's) or NoGroup", s.Group)
+		}
+		b.specs[i] = TaskSpec{Name: s.Name, Exclusive: excl, Shared: shared, Timeout: s.Timeout, Group: s.Group}
 		b.args[i] = a
 	}
 	return b, nil
@@ -242,6 +245,9 @@ func checkListFilter(f ListFilter) error {
 		if err := checkName("resource name", f.Resource, MaxResourceNameLen); err != nil {
 			return err
 		}
+	}
+	if f.Parent < 0 || f.Group < 0 {
+		return inputErr("filter", "parent %d and group %d must not be negative", f.Parent, f.Group)
 	}
 	return nil
 }

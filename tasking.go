@@ -175,6 +175,16 @@ type Task struct {
 	FinishedAt time.Time // zero until final
 	Error      string
 	Result     json.RawMessage
+	// Parent is the task whose handler dispatched it, 0 if none; Group the
+	// group it belongs to, 0 if none. Read with Get or List (the task a
+	// handler is given does not carry them).
+	Parent int64
+	Group  int64
+
+	// Progress holds the task's progress reports, in the order their names
+	// were first reported ([Task.ReportProgress]): the latest written while
+	// it runs (at most 250 ms old, normally), the last ones once it is final.
+	Progress []Progress
 
 	// Fence is the fencing token of the task's lock grant while a handler
 	// runs it (0 for a task without resources). Tokens grow with every grant,
@@ -193,6 +203,12 @@ type Task struct {
 type liveTask struct {
 	mu     sync.Mutex
 	result json.RawMessage
+	schema string // of the client whose worker runs it: its children's parent is in the same schema
+
+	progress []Progress  // see progress.go
+	dirty    bool        // progress changed since it was last written
+	ended    bool        // the handler returned: no more reports
+	mark     func(*Task) // queues the task's progress for its worker's next write
 }
 
 // ErrNotRunning: SetResult was called on a task that no handler of this
@@ -399,6 +415,13 @@ type TaskSpec struct {
 	Exclusive []string
 	Shared    []string
 	Timeout   time.Duration // 0: none
+
+	deferIfBlocked bool // DeferIfBlocked, for Immediate.Run
+
+	// Group is the group the task joins: 0 for the group of the task whose
+	// handler dispatches it (none outside a handler, or when that task has
+	// none), [NoGroup] for none, else a group's id ([Client.CreateGroup]).
+	Group int64
 }
 
 // Spec builds a TaskSpec for [Client.DispatchMany].
@@ -412,6 +435,11 @@ func Spec(name string, args any, opts ...DispatchOption) TaskSpec {
 
 // Dispatch stores a waiting task and returns it. Tasks that conflict with it
 // run before it if dispatched earlier, after it if dispatched later.
+//
+// Called with the context of a running handler (or one derived from it),
+// the task records the handler's task as its [Task.Parent], and joins that
+// task's group unless [InGroup] says otherwise. The same holds for every
+// Dispatch function.
 func (c *Client) Dispatch(ctx context.Context, name string, args any, opts ...DispatchOption) (*Task, error) {
 	ts, err := c.DispatchMany(ctx, Spec(name, args, opts...))
 	if err != nil {
@@ -469,8 +497,9 @@ func (c *Client) dispatch(ctx context.Context, db querier, specs []TaskSpec, aut
 	if err := c.checkSchema(ctx); err != nil {
 		return nil, err
 	}
-	ctx, span, parent := c.startDispatchSpan(ctx, batch.specs)
-	tasks, ready, err := c.insert(ctx, db, batch, autocommit, parent)
+	parent := c.parentOf(ctx)
+	ctx, span, trace := c.startDispatchSpan(ctx, batch.specs)
+	tasks, ready, err := c.insert(ctx, db, batch, autocommit, trace, parent)
 	endSpan(span, err)
 	if err != nil {
 		return nil, err

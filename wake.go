@@ -172,24 +172,35 @@ func (b *pgBus) tell(ctx context.Context, msg string) error {
 // workerConn), so that it needs no connection for it.
 func (b *pgBus) listen(context.Context, busReceiver) error { return nil }
 
-// waiters serves Client.Wait: one goroutine polls for all waiting calls at
-// once, faster right after a wake-up, slower as time passes.
+// waiters serves Client.Wait and Client.WaitGroup: one goroutine polls for
+// all waiting calls at once, faster right after a wake-up, slower as time
+// passes.
 type waiters struct {
 	c       *Client
 	mu      sync.Mutex
-	m       map[int64][]chan *Task
+	m       map[int64][]chan *Task  // tasks waited for
+	g       map[int64][]chan *Group // groups waited for
 	kick    chan struct{}
 	polling bool
 }
 
 func newWaiters(c *Client) *waiters {
-	return &waiters{c: c, m: make(map[int64][]chan *Task), kick: make(chan struct{}, 1)}
+	return &waiters{c: c, m: make(map[int64][]chan *Task), g: make(map[int64][]chan *Group), kick: make(chan struct{}, 1)}
 }
 
 func (w *waiters) wait(ctx context.Context, id int64) (*Task, error) {
-	ch := make(chan *Task, 1)
+	return waitIn(ctx, w, w.m, id)
+}
+
+func (w *waiters) waitGroup(ctx context.Context, id int64) (*Group, error) {
+	return waitIn(ctx, w, w.g, id)
+}
+
+// waitIn waits for the poller to deliver id's value through m.
+func waitIn[T any](ctx context.Context, w *waiters, m map[int64][]chan T, id int64) (T, error) {
+	ch := make(chan T, 1)
 	w.mu.Lock()
-	w.m[id] = append(w.m[id], ch)
+	m[id] = append(m[id], ch)
 	if !w.polling {
 		w.polling = true
 		go w.poll()
@@ -201,7 +212,7 @@ func (w *waiters) wait(ctx context.Context, id int64) (*Task, error) {
 		return t, nil
 	case <-ctx.Done():
 		w.mu.Lock()
-		chans := w.m[id]
+		chans := m[id]
 		for i, c := range chans {
 			if c == ch {
 				chans = append(chans[:i], chans[i+1:]...)
@@ -209,9 +220,9 @@ func (w *waiters) wait(ctx context.Context, id int64) (*Task, error) {
 			}
 		}
 		if len(chans) == 0 {
-			delete(w.m, id)
+			delete(m, id)
 		} else {
-			w.m[id] = chans
+			m[id] = chans
 		}
 		w.mu.Unlock()
 		select {
@@ -219,7 +230,8 @@ func (w *waiters) wait(ctx context.Context, id int64) (*Task, error) {
 			return t, nil
 		default:
 		}
-		return nil, context.Cause(ctx)
+		var zero T
+		return zero, context.Cause(ctx)
 	}
 }
 
@@ -247,7 +259,7 @@ func (w *waiters) poll() {
 		case <-timer.C:
 		}
 		w.mu.Lock()
-		if len(w.m) == 0 {
+		if len(w.m) == 0 && len(w.g) == 0 {
 			w.polling = false
 			w.mu.Unlock()
 			return
@@ -256,10 +268,22 @@ func (w *waiters) poll() {
 		for id := range w.m {
 			ids = append(ids, id)
 		}
+		gids := make([]int64, 0, len(w.g))
+		for id := range w.g {
+			gids = append(gids, id)
+		}
 		w.mu.Unlock()
 
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		done, err := w.c.finals(ctx, ids)
+		var done []*Task
+		var err error
+		if len(ids) > 0 {
+			done, err = w.c.finals(ctx, ids)
+		}
+		var groups []*Group
+		if len(gids) > 0 && err == nil {
+			groups, err = w.c.doneGroups(ctx, gids)
+		}
 		cancel()
 		if err != nil {
 			w.c.log.Warn("tasking: wait poll failed", "err", err)
@@ -270,6 +294,12 @@ func (w *waiters) poll() {
 				ch <- t
 			}
 			delete(w.m, t.ID)
+		}
+		for _, g := range groups {
+			for _, ch := range w.g[g.ID] {
+				ch <- g
+			}
+			delete(w.g, g.ID)
 		}
 		w.mu.Unlock()
 		if !timer.Stop() {

@@ -120,8 +120,15 @@ func (r *run) onMessage(payload string) {
 
 // onListening runs when the worker (re)starts listening: wake-ups may have
 // been missed meanwhile, and what it knew of its peers may be stale.
+//
+// Before the worker is registered (its connection opens for the schema
+// check) it has no id and its logger is still being set: peers are told
+// once registration is done (Worker.Run calls it again then).
 func (r *run) onListening() {
 	r.signal()
+	if !r.registered.Load() {
+		return
+	}
 	r.hungerSay.ask(func() { r.tellPeers("q") })
 }
 

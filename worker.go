@@ -261,6 +261,8 @@ func (w *Worker) Run(ctx context.Context) (err error) {
 	w.id = r.id
 	w.mu.Unlock()
 	defer r.retire()
+	r.registered.Store(true)
+	r.onListening() // the first open, for the schema check, could not tell the peers
 
 	lock, err := c.locker.Open(ctx, LockSessionConfig{
 		Worker: r.id, Pool: c.pool, Schema: c.schema, Logger: r.log, OnLost: r.lost, conn: r.conn,

@@ -264,10 +264,13 @@ func (s *Store) Cleanup(ctx context.Context, ttl time.Duration) (Reaped, error) 
 }
 
 // reap settles the running and canceling tasks of the given workers, or,
-// with ids nil, of every worker that has no row.
+// with ids nil, of every worker that has no row, and the immediate tasks
+// (no worker) whose lease ran out: their caller did not finish them by
+// their deadline plus a TTL, so it is taken to be gone.
 func reap(ctx context.Context, tx pgx.Tx, q string, ids []int64) (Reaped, error) {
 	var r Reaped
-	cond := `NOT EXISTS (SELECT 1 FROM ` + q + `.workers w WHERE w.id = t.worker_id)`
+	cond := `(t.worker_id IS NULL AND coalesce(t.lease_until, '-infinity') < now()
+	          OR t.worker_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM ` + q + `.workers w WHERE w.id = t.worker_id))`
 	args := []any{}
 	if ids != nil {
 		cond = `t.worker_id = ANY($1)`
@@ -277,7 +280,9 @@ func reap(ctx context.Context, tx pgx.Tx, q string, ids []int64) (Reaped, error)
 	err := tx.QueryRow(ctx, `WITH settled AS (
 			UPDATE `+q+`.tasks t
 			SET state = CASE WHEN t.state = 'canceling' THEN 'canceled' ELSE 'failed' END,
-			    error = CASE WHEN t.state = 'canceling' THEN t.error ELSE 'worker lost' END,
+			    error = CASE WHEN t.state = 'canceling' THEN t.error
+			                 WHEN t.worker_id IS NULL THEN 'worker lost: the caller of the immediate task did not finish it by its deadline'
+			                 ELSE 'worker lost' END,
 			    finished_at = clock_timestamp()
 			WHERE t.state IN ('running', 'canceling') AND `+cond+`
 			RETURNING t.id, t.state
