@@ -44,6 +44,7 @@ type run struct {
 	mu       sync.Mutex
 	active   map[int64]*activeTask // handler running
 	reserved int                   // slots a step in flight may fill
+	draining bool                  // shutdown: no more reservations (see serve)
 	// While the locker is out of reach (since lockDownSince), steps claim
 	// only tasks that need no locks, and probe it again at lockProbeAt.
 	lockDownSince, lockProbeAt time.Time
@@ -196,10 +197,14 @@ func (r *run) serve(ctx context.Context, grace func() context.Context) error {
 	}
 
 	<-ctx.Done()
+	// No step may start handlers once the wait for them has begun: take no
+	// more reservations, and let the steps that hold some start theirs.
+	g := grace()
+	r.endClaims(g)
 	// Shutdown: the loops claim no more. Handlers may finish within the
 	// grace; then they are canceled, and those that still do not return are
 	// abandoned.
-	abandoned := r.drainHandlers(grace())
+	abandoned := r.drainHandlers(g)
 	r.closeResults()
 	loops.Wait()
 	stopBg()
@@ -217,6 +222,24 @@ func (r *run) serve(ctx context.Context, grace func() context.Context) error {
 		errs = append(errs, fmt.Errorf("tasking: final states of %d tasks not written at shutdown; the cleanup of dead workers settles them", n))
 	}
 	return errors.Join(errs...)
+}
+
+// endClaims stops reservations of slots and waits (until shortly before
+// grace's deadline) for the steps that hold some: they start their
+// handlers before they give the slots back.
+func (r *run) endClaims(grace context.Context) {
+	deadline, ok := grace.Deadline()
+	if !ok {
+		deadline = time.Now().Add(stepTimeout)
+	}
+	r.mu.Lock()
+	r.draining = true
+	for r.reserved > 0 && time.Now().Before(deadline) {
+		r.mu.Unlock()
+		time.Sleep(time.Millisecond)
+		r.mu.Lock()
+	}
+	r.mu.Unlock()
 }
 
 // drainHandlers waits for the handlers until shortly before grace's

@@ -157,6 +157,9 @@ func (r *run) freeSlots() int {
 func (r *run) reserve() int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if r.draining {
+		return 0
+	}
 	n := max(r.w.cfg.slots-len(r.active)-r.reserved, 0)
 	r.reserved += n
 	return n
