@@ -51,6 +51,20 @@
 // batch in one round trip. [Client.Wait] blocks until a task is final;
 // [Client.List] shows, for example, what waits on a resource.
 //
+// # Unique dispatch
+//
+// [Unique] gives a task a key; while a waiting task has the key, another
+// dispatch with it adds nothing and returns the waiting task, with
+// [Task.Existing] set. A running task does not count, so a stream of
+// "sync repository 42" requests keeps at most one sync queued behind the
+// running one:
+//
+//	task, err := client.Dispatch(ctx, "sync", SyncArgs{Repo: "42"},
+//		tasking.Exclusive("repo:42"), tasking.Unique("sync:repo:42"))
+//
+// Concurrent dispatchers with one key, [Client.DispatchTx] and
+// [Client.DispatchMany] included, get one task between them.
+//
 // # Run workers
 //
 // [Worker.Run] blocks until its context is done, then shuts down gracefully

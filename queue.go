@@ -7,6 +7,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -31,18 +33,19 @@ type queries struct {
 	get      string
 	list     string
 	finals   string
+	byIDs    string
 	step     string
 	unclaim  string
 }
 
 const taskCols = `id, name, args, exclusive, shared, state, coalesce(worker_id, 0), epoch,
 	created_at, coalesce(started_at, 'epoch'), coalesce(finished_at, 'epoch'), coalesce(error, ''), result,
-	coalesce(timeout_ms, 0)`
+	coalesce(timeout_ms, 0), coalesce(unique_key, '')`
 
 func newQueries(schema string) queries {
 	s := pgx.Identifier{schema}.Sanitize()
 	return queries{
-		dispatch: `SELECT id, created_at, ready FROM ` + s + `.dispatch($1, $2, $3, $4, $5, $6)`,
+		dispatch: `SELECT id, created_at, ready, existing FROM ` + s + `.dispatch($1, $2, $3, $4, $5, $6, $7)`,
 		cancel:   `SELECT state, ready FROM ` + s + `.cancel($1, $2)`,
 		get:      `SELECT ` + taskCols + ` FROM ` + s + `.tasks WHERE id = $1`,
 		list: `SELECT ` + taskCols + ` FROM ` + s + `.tasks
@@ -51,6 +54,7 @@ func newQueries(schema string) queries {
 			ORDER BY id LIMIT $5`,
 		finals: `SELECT ` + taskCols + ` FROM ` + s + `.tasks
 			WHERE id = ANY($1) AND state IN ('completed', 'failed', 'canceled')`,
+		byIDs: `SELECT ` + taskCols + ` FROM ` + s + `.tasks WHERE id = ANY($1)`,
 		step: `SELECT kind, id, name, args, exclusive, shared, epoch, created_at, started_at, timeout_ms
 			FROM ` + s + `.step($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)`,
 		// Puts back tasks this worker claimed but will not run (their locks
@@ -80,15 +84,30 @@ func hashKey(space, ns, name string) int64 {
 }
 
 // insert runs the dispatch function. ready: some task was ready at once.
+// A task whose unique key an earlier task of the batch has is not sent: it
+// gets that task (see Unique).
 func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch, autocommit bool) (tasks []*Task, ready bool, err error) {
-	names := make([]string, len(b.specs))
-	excl := make([][]string, len(b.specs))
-	shared := make([][]string, len(b.specs))
-	args := make([]string, len(b.specs))
-	timeouts := make([]int64, len(b.specs))
+	var send []int        // indexes into b.specs of the tasks sent
+	same := map[int]int{} // index of a task folded into an earlier one of the batch -> that one
+	first := map[string]int{}
 	for i, s := range b.specs {
-		names[i], excl[i], shared[i], args[i] = s.Name, s.Exclusive, s.Shared, string(b.args[i])
-		timeouts[i] = s.Timeout.Milliseconds()
+		if s.Unique != "" {
+			if j, ok := first[s.Unique]; ok {
+				same[i] = j
+				continue
+			}
+			first[s.Unique] = i
+		}
+		send = append(send, i)
+	}
+	n := len(send)
+	names, args, uniq := make([]string, n), make([]string, n), make([]string, n)
+	excl, shared := make([][]string, n), make([][]string, n)
+	timeouts := make([]int64, n)
+	for k, i := range send {
+		s := b.specs[i]
+		names[k], excl[k], shared[k], args[k], uniq[k] = s.Name, s.Exclusive, s.Shared, string(b.args[i]), s.Unique
+		timeouts[k] = s.Timeout.Milliseconds()
 	}
 	exclJSON, _ := json.Marshal(excl)
 	sharedJSON, _ := json.Marshal(shared)
@@ -96,7 +115,7 @@ func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch, autoc
 	if autocommit {
 		channel = c.bus.autocommitChannel()
 	}
-	rows, err := db.Query(ctx, c.q.dispatch, names, args, string(exclJSON), string(sharedJSON), timeouts, channel)
+	rows, err := db.Query(ctx, c.q.dispatch, names, args, string(exclJSON), string(sharedJSON), timeouts, channel, uniq)
 	if err != nil {
 		return nil, false, dispatchErr(err)
 	}
@@ -105,12 +124,18 @@ func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch, autoc
 		created time.Time
 	}
 	var got []inserted
+	existing := map[int]int64{} // position in send -> the waiting task with its key
 	for rows.Next() {
 		var r inserted
 		var rd bool
-		if err := rows.Scan(&r.id, &r.created, &rd); err != nil {
+		var pos *int32
+		if err := rows.Scan(&r.id, &r.created, &rd, &pos); err != nil {
 			rows.Close()
 			return nil, false, fmt.Errorf("tasking: dispatch: %w", err)
+		}
+		if pos != nil {
+			existing[int(*pos)-1] = r.id
+			continue
 		}
 		ready = ready || rd
 		got = append(got, r)
@@ -118,20 +143,61 @@ func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch, autoc
 	if err := rows.Err(); err != nil {
 		return nil, false, dispatchErr(err)
 	}
-	if len(got) != len(b.specs) {
-		return nil, false, fmt.Errorf("tasking: dispatch: inserted %d tasks, expected %d", len(got), len(b.specs))
+	if len(got)+len(existing) != n {
+		return nil, false, fmt.Errorf("tasking: dispatch: inserted %d tasks and found %d, expected %d", len(got), len(existing), n)
+	}
+	var found map[int64]*Task
+	if len(existing) > 0 {
+		if found, err = c.byIDs(ctx, db, slices.Collect(maps.Values(existing))); err != nil {
+			return nil, false, fmt.Errorf("tasking: dispatch: read the waiting tasks with the same unique keys: %w", err)
+		}
 	}
 	// IDs were drawn in batch order.
 	sort.Slice(got, func(i, j int) bool { return got[i].id < got[j].id })
-	tasks = make([]*Task, len(got))
-	for i, r := range got {
+	tasks = make([]*Task, len(b.specs))
+	for k, i := range send {
+		if id, ok := existing[k]; ok {
+			t, ok := found[id]
+			if !ok {
+				// Only a purge removes a waiting task's row.
+				return nil, false, fmt.Errorf("tasking: dispatch: the waiting task %d with unique key %q is gone", id, b.specs[i].Unique)
+			}
+			t.Existing = true
+			tasks[i] = t
+			continue
+		}
+		r := got[0]
+		got = got[1:]
 		s := b.specs[i]
 		tasks[i] = &Task{
 			ID: r.id, Name: s.Name, Args: b.args[i], Exclusive: s.Exclusive, Shared: s.Shared,
-			State: StateWaiting, CreatedAt: r.created, Timeout: s.Timeout,
+			State: StateWaiting, CreatedAt: r.created, Timeout: s.Timeout, UniqueKey: s.Unique,
 		}
 	}
+	for i, j := range same {
+		t := *tasks[j]
+		t.Existing = true
+		tasks[i] = &t
+	}
 	return tasks, ready, nil
+}
+
+// byIDs reads the tasks with those ids on db.
+func (c *Client) byIDs(ctx context.Context, db querier, ids []int64) (map[int64]*Task, error) {
+	rows, err := db.Query(ctx, c.q.byIDs, ids)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	out := make(map[int64]*Task, len(ids))
+	for rows.Next() {
+		t, err := scanTask(rows)
+		if err != nil {
+			return nil, err
+		}
+		out[t.ID] = t
+	}
+	return out, rows.Err()
 }
 
 // dispatchErr reports a data exception (SQLSTATE class 22) from the insert
@@ -151,7 +217,7 @@ func scanTask(row pgx.Row) (*Task, error) {
 	var args, result []byte
 	var timeoutMS int64
 	err := row.Scan(&t.ID, &t.Name, &args, &t.Exclusive, &t.Shared, &state, &t.WorkerID, &t.Epoch,
-		&t.CreatedAt, &t.StartedAt, &t.FinishedAt, &t.Error, &result, &timeoutMS)
+		&t.CreatedAt, &t.StartedAt, &t.FinishedAt, &t.Error, &result, &timeoutMS, &t.UniqueKey)
 	if err != nil {
 		return nil, err
 	}

@@ -35,7 +35,12 @@ func prepareBatch(specs []TaskSpec) (*preparedBatch, error) {
 		if s.Timeout < 0 || (s.Timeout > 0 && s.Timeout < time.Millisecond) {
 			return nil, inputErr("timeout", "%v, need at least 1ms (or 0 for none)", s.Timeout)
 		}
-		b.specs[i] = TaskSpec{Name: s.Name, Exclusive: excl, Shared: shared, Timeout: s.Timeout}
+		if s.Unique != "" || s.uniqueSet {
+			if err := checkName("unique key", s.Unique, MaxResourceNameLen); err != nil {
+				return nil, err
+			}
+		}
+		b.specs[i] = TaskSpec{Name: s.Name, Exclusive: excl, Shared: shared, Timeout: s.Timeout, Unique: s.Unique}
 		b.args[i] = a
 	}
 	return b, nil

@@ -179,6 +179,12 @@ type Task struct {
 	// so a side effect guarded by the token can refuse a stale holder.
 	Fence int64
 
+	// UniqueKey is the task's unique key ([Unique]), "" for none.
+	UniqueKey string
+	// Existing is set on a task that Dispatch returned instead of adding
+	// one: a waiting task already had the unique key asked for.
+	Existing bool
+
 	// live is set on the task a handler runs: the result it sets. A Task
 	// read with Get or List has none (and copies of a Task share it).
 	live *liveTask
@@ -370,6 +376,27 @@ func Timeout(d time.Duration) DispatchOption {
 	return func(s *TaskSpec) { s.Timeout = d }
 }
 
+// Unique gives the task a unique key: while a waiting task has the key,
+// dispatching another task with it adds nothing and returns the waiting
+// task, with [Task.Existing] set. A task that is running (or final) does not
+// count, so "one waiting sync per repository, queued behind the running
+// one" is
+//
+//	client.Dispatch(ctx, "sync", args, tasking.Exclusive("repo:42"), tasking.Unique("sync:repo:42"))
+//
+// The check is atomic: dispatches with one key are serialised (a dispatch
+// in an open [Client.DispatchTx] transaction holds the key until it ends),
+// so concurrent dispatchers get one task. In a batch, a task whose key an
+// earlier task of the batch has gets that task. The task returned was
+// waiting when Dispatch looked; it may start right after, so a handler
+// must not count on seeing what happened after it was first dispatched.
+// The returned task keeps its own name, args, resources and place in line:
+// nothing of the new dispatch is applied to it. Default: none. A key is at
+// most MaxResourceNameLen bytes of UTF-8 without NUL.
+func Unique(key string) DispatchOption {
+	return func(s *TaskSpec) { s.Unique = key; s.uniqueSet = true }
+}
+
 // TaskSpec describes one task to dispatch. Build it with [Spec] or fill it in.
 type TaskSpec struct {
 	Name      string
@@ -377,6 +404,9 @@ type TaskSpec struct {
 	Exclusive []string
 	Shared    []string
 	Timeout   time.Duration // 0: none
+	Unique    string        // unique key (see [Unique]); "": none
+
+	uniqueSet bool // Unique was given, so "" is an error
 }
 
 // Spec builds a TaskSpec for [Client.DispatchMany].
