@@ -117,6 +117,19 @@
 // handler returned an error or was interrupted. Dispatch it again for
 // another attempt.
 //
+// # Keep the table small
+//
+// Final tasks stay in the database until purged. [Client.Purge] deletes
+// final tasks that finished before a time, by state, in small batches of
+// short transactions that never hold up dispatches or workers.
+// [WithRetention] makes the fleet do it: once per period (stored in the
+// database) the worker that wins the cleanup of dead workers purges, per
+// final state, what is older than its retention:
+//
+//	w := tasking.NewWorker(client, tasking.WithRetention(tasking.Retention{
+//		Completed: 24 * time.Hour, Failed: 7 * 24 * time.Hour, Canceled: 24 * time.Hour,
+//	}))
+//
 // # Shut down
 //
 // Cancel the context given to Run, or call [Worker.Stop] with a deadline.

@@ -11,6 +11,7 @@ import (
 // it, and runs the fleet's cleanup when it wins the election. It shares the
 // worker's connection with the step loop, whose statements are short.
 func (r *run) heartbeat(ctx context.Context) {
+	defer r.retainW.Wait()
 	r.beat(ctx)
 	t := time.NewTicker(r.w.cfg.ttl / 3)
 	defer t.Stop()
@@ -118,6 +119,7 @@ func (r *run) cleanup(ctx context.Context) {
 	r.cleanLog.ok()
 	if got.Won {
 		r.warnUnhandled(ctx)
+		r.retain(ctx)
 	}
 	if len(got.Workers) == 0 && got.Failed+got.Canceled == 0 {
 		return

@@ -28,14 +28,16 @@ type querier interface {
 // ordering promise lives in the schema's functions (internal/migrate/sql):
 // dispatch, step, cancel, settle and handoff.
 type queries struct {
-	dispatch string
-	cancel   string
-	get      string
-	list     string
-	finals   string
-	byIDs    string
-	step     string
-	unclaim  string
+	dispatch    string
+	cancel      string
+	get         string
+	list        string
+	finals      string
+	byIDs       string
+	purge       string
+	claimPeriod string
+	step        string
+	unclaim     string
 }
 
 const taskCols = `id, name, args, exclusive, shared, state, coalesce(worker_id, 0), epoch,
@@ -54,7 +56,9 @@ func newQueries(schema string) queries {
 			ORDER BY id LIMIT $5`,
 		finals: `SELECT ` + taskCols + ` FROM ` + s + `.tasks
 			WHERE id = ANY($1) AND state IN ('completed', 'failed', 'canceled')`,
-		byIDs: `SELECT ` + taskCols + ` FROM ` + s + `.tasks WHERE id = ANY($1)`,
+		purge:       purgeSQL(s),
+		claimPeriod: claimPeriodSQL(s),
+		byIDs:       `SELECT ` + taskCols + ` FROM ` + s + `.tasks WHERE id = ANY($1)`,
 		step: `SELECT kind, id, name, args, exclusive, shared, epoch, created_at, started_at, timeout_ms
 			FROM ` + s + `.step($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)`,
 		// Puts back tasks this worker claimed but will not run (their locks

@@ -60,6 +60,8 @@ type run struct {
 	cleanLog      failureLog
 	unhandledSaid map[string]time.Time // names reported by warnUnhandled, and when
 	handlerW      sync.WaitGroup
+	retaining     atomic.Bool    // a retention purge runs (retention.go)
+	retainW       sync.WaitGroup // the retention purge's goroutine
 }
 
 type activeTask struct {

@@ -80,6 +80,8 @@ type workerConfig struct {
 	poll  time.Duration
 	grace time.Duration
 	ttl   time.Duration
+
+	retention *Retention // nil: none
 }
 
 // WithSlots sets how many handlers run at once. Default: 16.
@@ -328,6 +330,8 @@ func (w *Worker) validate() error {
 		return inputErr("heartbeat TTL", "%v, need > 0", w.cfg.ttl)
 	case w.cfg.name == "":
 		return inputErr("worker name", "empty")
+	case w.cfg.retention != nil:
+		return w.cfg.retention.validate()
 	}
 	return nil
 }

@@ -124,3 +124,15 @@ BEGIN
     END IF;
 END
 $$;
+
+-- Retention: final tasks by finish time, for Client.Purge and the fleet's
+-- automatic retention, which deletes them in small batches oldest first.
+CREATE INDEX tasks_finished_idx ON {{schema}}.tasks (finished_at)
+    WHERE state IN ('completed', 'failed', 'canceled');
+
+-- When the fleet last ran each periodic job of its own (e.g. 'retention'),
+-- so that it runs once per period whichever worker wins the cleanup.
+CREATE TABLE {{schema}}.maintenance (
+    job      text PRIMARY KEY,
+    last_run timestamptz NOT NULL
+);
