@@ -113,9 +113,24 @@
 // already hold the resources when the old handler notices: the fencing token
 // ([Task.Fence]) lets side effects refuse a stale holder.
 //
-// A handler runs at most once: tasking never retries a task, whether its
-// handler returned an error or was interrupted. Dispatch it again for
-// another attempt.
+// An interrupted task is never retried: it fails, and its handler ran at
+// most once. Dispatch it again for another attempt.
+//
+// # Retries
+//
+// A handler's failures (an error, a panic, a timeout) can be retried under
+// a [RetryPolicy]: attempts, and a backoff that doubles with jitter.
+// [HandlerRetry] sets it for a handler, [Retry] for one task; [NoRetry]
+// wraps an error that another attempt cannot fix.
+//
+//	w.Handle("upload", upload, tasking.HandlerRetry(tasking.RetryPolicy{Attempts: 5, Backoff: time.Second}))
+//
+// Between attempts the task is in [StateRetrying] and keeps its place in
+// line: tasks dispatched after it that conflict with it wait until it is
+// final, as they would while it runs, and tasks that conflict with nothing
+// run meanwhile. [Task.Attempt] numbers the runs, and [Task.Attempts] keeps
+// every failed one's error and times. Workers wake up when a retry is due.
+// Cancel ends a task waiting for its retry at once.
 //
 // # Keep the table small
 //

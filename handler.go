@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime/debug"
+	"time"
 )
 
 // outcome is a handler's end, to be written by the next step.
@@ -13,7 +14,8 @@ type outcome struct {
 	task  *Task
 	state State
 	err   string
-	owner bool // holds locker grants to release
+	owner bool          // holds locker grants to release
+	delay time.Duration // StateRetrying: the backoff
 }
 
 // start runs t's handler in its own goroutine. Its outcome goes to the step
@@ -82,6 +84,9 @@ func (r *run) settleHandler(hctx context.Context, t *Task, a *activeTask, err er
 	case errors.Is(cause, ErrTimeout) || errors.Is(cause, ErrCanceled) || errors.Is(cause, ErrWorkerLost):
 		// A canceled task ends canceled in the step.
 		o.state, o.err = StateFailed, cause.Error()
+		if errors.Is(cause, ErrTimeout) {
+			o.delay, o.state = r.retry(t, ErrTimeout)
+		}
 	case err != nil:
 		o.state, o.err = StateFailed, err.Error()
 		if errors.Is(cause, ErrShutdown) && !errors.Is(err, ErrShutdown) {
@@ -89,9 +94,21 @@ func (r *run) settleHandler(hctx context.Context, t *Task, a *activeTask, err er
 			// context.Cause(ctx) already says it.
 			o.err = ErrShutdown.Error() + ": " + o.err
 		}
+		if cause == nil { // the handler's own failure, not an interruption
+			o.delay, o.state = r.retry(t, err)
+		}
 	}
 	r.mu.Unlock()
 	r.send(o)
+}
+
+// retry is the state a failed attempt of t leaves it in: retrying (after
+// the returned backoff) or failed.
+func (r *run) retry(t *Task, err error) (time.Duration, State) {
+	if d, ok := retryAfter(t, r.handlers[t.Name], err); ok {
+		return d, StateRetrying
+	}
+	return 0, StateFailed
 }
 
 func errorText(err error) string {

@@ -42,12 +42,12 @@ type queries struct {
 
 const taskCols = `id, name, args, exclusive, shared, state, coalesce(worker_id, 0), epoch,
 	created_at, coalesce(started_at, 'epoch'), coalesce(finished_at, 'epoch'), coalesce(error, ''), result,
-	coalesce(timeout_ms, 0), coalesce(unique_key, '')`
+	coalesce(timeout_ms, 0), coalesce(unique_key, ''), attempt, attempt_log, coalesce(run_at, 'epoch'), retry`
 
 func newQueries(schema string) queries {
 	s := pgx.Identifier{schema}.Sanitize()
 	return queries{
-		dispatch: `SELECT id, created_at, ready, existing FROM ` + s + `.dispatch($1, $2, $3, $4, $5, $6, $7)`,
+		dispatch: `SELECT id, created_at, ready, existing FROM ` + s + `.dispatch($1, $2, $3, $4, $5, $6, $7, $8)`,
 		cancel:   `SELECT state, ready FROM ` + s + `.cancel($1, $2)`,
 		get:      `SELECT ` + taskCols + ` FROM ` + s + `.tasks WHERE id = $1`,
 		list: `SELECT ` + taskCols + ` FROM ` + s + `.tasks
@@ -59,12 +59,13 @@ func newQueries(schema string) queries {
 		purge:       purgeSQL(s),
 		claimPeriod: claimPeriodSQL(s),
 		byIDs:       `SELECT ` + taskCols + ` FROM ` + s + `.tasks WHERE id = ANY($1)`,
-		step: `SELECT kind, id, name, args, exclusive, shared, epoch, created_at, started_at, timeout_ms
-			FROM ` + s + `.step($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)`,
+		step: `SELECT kind, id, name, args, exclusive, shared, epoch, created_at, started_at, timeout_ms, attempt, retry
+			FROM ` + s + `.step($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)`,
 		// Puts back tasks this worker claimed but will not run (their locks
 		// were refused, or the step's reply was lost), guarded by owner and
-		// epoch. Their line entries never left: they keep their place.
-		unclaim: `UPDATE ` + s + `.tasks t SET state = 'waiting', worker_id = NULL, started_at = NULL
+		// epoch. Their line entries never left: they keep their place. The
+		// claim did not run the handler, so it is not an attempt.
+		unclaim: `UPDATE ` + s + `.tasks t SET state = 'waiting', worker_id = NULL, started_at = NULL, attempt = t.attempt - 1
 			FROM unnest($2::bigint[], $3::int[]) AS v(id, epoch)
 			WHERE t.id = v.id AND t.epoch = v.epoch AND t.worker_id = $1 AND t.state = 'running'`,
 	}
@@ -106,12 +107,14 @@ func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch, autoc
 	}
 	n := len(send)
 	names, args, uniq := make([]string, n), make([]string, n), make([]string, n)
+	retries := make([]*string, n)
 	excl, shared := make([][]string, n), make([][]string, n)
 	timeouts := make([]int64, n)
 	for k, i := range send {
 		s := b.specs[i]
 		names[k], excl[k], shared[k], args[k], uniq[k] = s.Name, s.Exclusive, s.Shared, string(b.args[i]), s.Unique
 		timeouts[k] = s.Timeout.Milliseconds()
+		retries[k] = encodeRetry(s.Retry)
 	}
 	exclJSON, _ := json.Marshal(excl)
 	sharedJSON, _ := json.Marshal(shared)
@@ -119,7 +122,7 @@ func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch, autoc
 	if autocommit {
 		channel = c.bus.autocommitChannel()
 	}
-	rows, err := db.Query(ctx, c.q.dispatch, names, args, string(exclJSON), string(sharedJSON), timeouts, channel, uniq)
+	rows, err := db.Query(ctx, c.q.dispatch, names, args, string(exclJSON), string(sharedJSON), timeouts, channel, uniq, retries)
 	if err != nil {
 		return nil, false, dispatchErr(err)
 	}
@@ -175,7 +178,7 @@ func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch, autoc
 		s := b.specs[i]
 		tasks[i] = &Task{
 			ID: r.id, Name: s.Name, Args: b.args[i], Exclusive: s.Exclusive, Shared: s.Shared,
-			State: StateWaiting, CreatedAt: r.created, Timeout: s.Timeout, UniqueKey: s.Unique,
+			State: StateWaiting, CreatedAt: r.created, Timeout: s.Timeout, UniqueKey: s.Unique, Retry: s.Retry,
 		}
 	}
 	for i, j := range same {
@@ -220,10 +223,19 @@ func scanTask(row pgx.Row) (*Task, error) {
 	var state string
 	var args, result []byte
 	var timeoutMS int64
+	var log, retry []byte
 	err := row.Scan(&t.ID, &t.Name, &args, &t.Exclusive, &t.Shared, &state, &t.WorkerID, &t.Epoch,
-		&t.CreatedAt, &t.StartedAt, &t.FinishedAt, &t.Error, &result, &timeoutMS, &t.UniqueKey)
+		&t.CreatedAt, &t.StartedAt, &t.FinishedAt, &t.Error, &result, &timeoutMS, &t.UniqueKey,
+		&t.Attempt, &log, &t.RetryAt, &retry)
 	if err != nil {
 		return nil, err
+	}
+	if err := json.Unmarshal(log, &t.Attempts); err != nil {
+		return nil, fmt.Errorf("attempt log of task %d: %w", t.ID, err)
+	}
+	t.Retry = decodeRetry(retry)
+	if state != string(StateRetrying) {
+		t.RetryAt = time.Time{}
 	}
 	t.State = State(state)
 	t.Timeout = time.Duration(timeoutMS) * time.Millisecond
@@ -269,10 +281,11 @@ func (c *Client) finals(ctx context.Context, ids []int64) ([]*Task, error) {
 
 // stepResult is what one step did.
 type stepResult struct {
-	done     map[int64]bool // outcomes written (the others were no longer this worker's)
-	claimed  []*Task
-	left     int  // tasks that became ready and were not claimed by this step
-	handoffs bool // handoffs were left for a later step
+	done      map[int64]bool // outcomes written (the others were no longer this worker's)
+	claimed   []*Task
+	left      int       // tasks that became ready and were not claimed by this step
+	handoffs  bool      // handoffs were left for a later step
+	nextRetry time.Time // when the earliest retry is due, zero for none
 }
 
 // step runs one worker step on conn (see step.go and the step function).
@@ -281,8 +294,10 @@ func (c *Client) step(ctx context.Context, conn *workerConn, worker int64, outs 
 	n := len(outs)
 	ids, epochs := make([]int64, n), make([]int32, n)
 	states, errs, results := make([]string, n), make([]string, n), make([]*string, n)
+	delays := make([]int64, n)
 	for i, o := range outs {
 		ids[i], epochs[i], states[i], errs[i] = o.task.ID, int32(o.task.Epoch), string(o.state), o.err
+		delays[i] = o.delay.Milliseconds()
 		if r := o.task.takeResult(); r != nil {
 			s := string(r)
 			results[i] = &s
@@ -290,7 +305,7 @@ func (c *Client) step(ctx context.Context, conn *workerConn, worker int64, outs 
 	}
 	res := stepResult{done: make(map[int64]bool, n)}
 	err := conn.use(ctx, func(conn *pgx.Conn) error {
-		rows, err := conn.Query(ctx, c.q.step, worker, ids, epochs, states, errs, results, names, free, fresh.Milliseconds(), locks)
+		rows, err := conn.Query(ctx, c.q.step, worker, ids, epochs, states, errs, results, names, free, fresh.Milliseconds(), locks, delays)
 		if err != nil {
 			return err
 		}
@@ -304,7 +319,9 @@ func (c *Client) step(ctx context.Context, conn *workerConn, worker int64, outs 
 			var epoch *int32
 			var created, started *time.Time
 			var timeout *int64
-			if err := rows.Scan(&kind, &id, &name, &args, &excl, &shared, &epoch, &created, &started, &timeout); err != nil {
+			var attempt *int32
+			var retry []byte
+			if err := rows.Scan(&kind, &id, &name, &args, &excl, &shared, &epoch, &created, &started, &timeout, &attempt, &retry); err != nil {
 				return err
 			}
 			switch kind {
@@ -315,10 +332,14 @@ func (c *Client) step(ctx context.Context, conn *workerConn, worker int64, outs 
 					ID: id, Name: *name, Args: args, Exclusive: excl, Shared: shared,
 					State: StateRunning, WorkerID: worker, Epoch: int(*epoch), CreatedAt: *created,
 					StartedAt: *started, Timeout: time.Duration(*timeout) * time.Millisecond,
+					Attempt: int(*attempt), Retry: decodeRetry(retry),
 				})
 			case 's':
 				res.left = int(id)
 				res.handoffs = epoch != nil && *epoch > 0
+				if created != nil {
+					res.nextRetry = *created
+				}
 			}
 		}
 		return rows.Err()
@@ -349,7 +370,7 @@ func (c *Client) List(ctx context.Context, f ListFilter) ([]*Task, int64, error)
 		return nil, 0, inputErr("limit", "%d, need 1 to 10000", f.Limit)
 	}
 	switch f.State {
-	case "", StateWaiting, StateRunning, StateCanceling, StateCompleted, StateFailed, StateCanceled:
+	case "", StateWaiting, StateRetrying, StateRunning, StateCanceling, StateCompleted, StateFailed, StateCanceled:
 	default:
 		return nil, 0, inputErr("state", "unknown state %q", f.State)
 	}

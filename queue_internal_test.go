@@ -19,6 +19,7 @@ type modelTask struct {
 	id        int64
 	excl, shr []string
 	state     State
+	due       bool // StateRetrying: its retry time has passed
 }
 
 func (a modelTask) conflicts(b modelTask) bool {
@@ -58,8 +59,9 @@ func modelReady(ts []modelTask) []int64 {
 }
 
 // TestReadyMatchesModel drives the schema's functions (dispatch, step,
-// cancel) through a seeded random history of dispatches, claims, finishes
-// and cancels, on few names so that lines are long and tasks name several,
+// cancel) through a seeded random history of dispatches, claims, finishes,
+// failed attempts to retry (at once or later: a task waiting for its retry
+// is not final, so it keeps blocking what conflicts with it) and cancels, on few names so that lines are long and tasks name several,
 // and checks after every action that the ready tasks are exactly those the
 // definition says. Replay a failure with TASKING_SEED.
 func TestReadyMatchesModel(t *testing.T) {
@@ -127,29 +129,59 @@ func TestReadyMatchesModel(t *testing.T) {
 				model = append(model, modelTask{id: tk.ID, excl: tk.Exclusive, shr: tk.Shared, state: StateWaiting})
 			}
 			check(step, "dispatch")
-		case k < 7: // finish some running tasks and claim up to a few
+		case k < 7: // finish some running tasks (some to retry, now or later) and claim up to a few
 			var outs []outcome
 			for id, tk := range running {
 				if rng.IntN(2) == 0 {
-					st := []State{StateCompleted, StateFailed}[rng.IntN(2)]
-					outs = append(outs, outcome{task: tk, state: st})
-					model[byID[id]].state = st
+					o := outcome{task: tk, state: []State{StateCompleted, StateFailed, StateRetrying, StateRetrying}[rng.IntN(4)]}
+					m := &model[byID[id]]
+					m.state = o.state
+					if o.state == StateRetrying {
+						o.err = "again"
+						if rng.IntN(2) == 0 {
+							o.delay = time.Hour
+						} else {
+							m.due = true
+						}
+					}
+					outs = append(outs, o)
 					delete(running, id)
 				}
 			}
 			res, err := c.step(ctx, conn, worker, outs, []string{"t"}, rng.IntN(4), time.Hour, true)
 			require.NoError(t, err)
 			require.Len(t, res.done, len(outs))
+			// The step put the due retries back in line before it claimed.
+			for i := range model {
+				if model[i].state == StateRetrying && model[i].due {
+					model[i].state, model[i].due = StateWaiting, false
+				}
+			}
 			for _, tk := range res.claimed {
 				require.Contains(t, modelReady(model), tk.ID, "seed %d: claimed a task that is not ready", seed)
 				model[byID[tk.ID]].state = StateRunning
 				running[tk.ID] = tk
 			}
 			check(step, "step")
-		default: // cancel a waiting task
+		case k == 7: // a retry becomes due (the next step puts it back in line)
+			var later []int64
+			for _, m := range model {
+				if m.state == StateRetrying && !m.due {
+					later = append(later, m.id)
+				}
+			}
+			if len(later) == 0 {
+				continue
+			}
+			id := later[rng.IntN(len(later))]
+			_, err := pool.Exec(ctx, `UPDATE `+pgIdent(c.schema)+`.tasks SET run_at = now() - interval '1 second' WHERE id = $1`, id)
+			require.NoError(t, err)
+			model[byID[id]].due = true
+			check(step, "retry due")
+		default: // cancel a waiting task, or one waiting for a retry
 			var waiting []int64
 			for _, m := range model {
-				if m.state == StateWaiting {
+				if m.state == StateWaiting || m.state == StateRetrying {
 					waiting = append(waiting, m.id)
 				}
 			}

@@ -40,7 +40,12 @@ func prepareBatch(specs []TaskSpec) (*preparedBatch, error) {
 				return nil, err
 			}
 		}
-		b.specs[i] = TaskSpec{Name: s.Name, Exclusive: excl, Shared: shared, Timeout: s.Timeout, Unique: s.Unique}
+		if s.Retry != nil {
+			if err := s.Retry.check(); err != nil {
+				return nil, err
+			}
+		}
+		b.specs[i] = TaskSpec{Name: s.Name, Exclusive: excl, Shared: shared, Timeout: s.Timeout, Unique: s.Unique, Retry: s.Retry}
 		b.args[i] = a
 	}
 	return b, nil

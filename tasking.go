@@ -99,6 +99,7 @@ type State string
 // The states of a task. Completed, failed and canceled are final.
 const (
 	StateWaiting   State = "waiting"
+	StateRetrying  State = "retrying" // an attempt failed; it runs again after its backoff (see RetryPolicy)
 	StateRunning   State = "running"
 	StateCanceling State = "canceling"
 	StateCompleted State = "completed"
@@ -178,6 +179,17 @@ type Task struct {
 	// runs it (0 for a task without resources). Tokens grow with every grant,
 	// so a side effect guarded by the token can refuse a stale holder.
 	Fence int64
+
+	// Attempt is the number of the task's current or last run, 1 for the
+	// first (0 before it ever ran).
+	Attempt int
+	// Attempts holds every failed attempt, oldest first. The last one's
+	// error is also in Error.
+	Attempts []Attempt
+	// RetryAt is, for a task in StateRetrying, when it may run again.
+	RetryAt time.Time
+	// Retry is the task's own retry policy ([Retry]), nil for none.
+	Retry *RetryPolicy
 
 	// UniqueKey is the task's unique key ([Unique]), "" for none.
 	UniqueKey string
@@ -405,6 +417,7 @@ type TaskSpec struct {
 	Shared    []string
 	Timeout   time.Duration // 0: none
 	Unique    string        // unique key (see [Unique]); "": none
+	Retry     *RetryPolicy  // the task's own retry policy (see [Retry]); nil: its handler's
 
 	uniqueSet bool // Unique was given, so "" is an error
 }

@@ -59,6 +59,7 @@ func HandlerTimeout(d time.Duration) HandlerOption {
 type handler struct {
 	fn      HandlerFunc
 	timeout time.Duration
+	retry   *RetryPolicy
 }
 
 type taskKey struct{}
@@ -161,6 +162,7 @@ func NewWorker(c *Client, opts ...WorkerOption) *Worker {
 
 // Handle registers the handler for tasks named name. It panics on an
 // invalid name, a nil handler, a name registered twice, a negative timeout,
+// an invalid retry policy,
 // or a running worker, as these are programming errors.
 func (w *Worker) Handle(name string, fn HandlerFunc, opts ...HandlerOption) {
 	if err := checkName("task name", name, MaxTaskNameLen); err != nil {
@@ -175,6 +177,11 @@ func (w *Worker) Handle(name string, fn HandlerFunc, opts ...HandlerOption) {
 	}
 	if h.timeout < 0 {
 		panic(fmt.Sprintf("tasking: negative timeout %v for handler %s", h.timeout, name))
+	}
+	if h.retry != nil {
+		if err := h.retry.check(); err != nil {
+			panic(fmt.Sprintf("tasking: handler %s: %v", name, err))
+		}
 	}
 	w.mu.Lock()
 	defer w.mu.Unlock()

@@ -6,6 +6,23 @@
 
 ALTER TABLE {{schema}}.tasks ADD COLUMN unique_key text COLLATE "C";
 
+-- Retries that keep their place. A failed attempt with attempts left puts
+-- the task in state 'retrying' until run_at: it is not final, so its line
+-- entries stay and later conflicting tasks keep waiting behind it, and it
+-- is not waiting, so it is not in tasks_ready_idx. The step moves due
+-- retries back to waiting (tasks_retry_idx: one probe when none is due);
+-- with no blockers (it was ready when it ran) it is ready at once.
+-- attempt counts the claims that ran (a claim put back does not count),
+-- attempt_log keeps every failed attempt, retry is the task's own policy.
+ALTER TABLE {{schema}}.tasks DROP CONSTRAINT tasks_state_check;
+ALTER TABLE {{schema}}.tasks ADD CONSTRAINT tasks_state_check
+    CHECK (state IN ('waiting', 'retrying', 'running', 'canceling', 'completed', 'failed', 'canceled'));
+ALTER TABLE {{schema}}.tasks ADD COLUMN attempt integer NOT NULL DEFAULT 0,
+                             ADD COLUMN attempt_log jsonb NOT NULL DEFAULT '[]',
+                             ADD COLUMN run_at timestamptz,
+                             ADD COLUMN retry jsonb;
+CREATE INDEX tasks_retry_idx ON {{schema}}.tasks (run_at) WHERE state = 'retrying';
+
 -- The waiting task with a given key. Not a unique index: a claimed task whose
 -- locks were refused goes back to waiting (design.md §6), and must not fail
 -- because a task with its key was dispatched meanwhile. Dispatches with one
@@ -18,8 +35,10 @@ CREATE FUNCTION {{schema}}.ukey(k text) RETURNS bigint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT hashtextextended(k, {{seed}} + 2) $$;
 
 DROP FUNCTION {{schema}}.dispatch(text[], jsonb[], jsonb, jsonb, bigint[], text);
+DROP FUNCTION {{schema}}.step(bigint, bigint[], integer[], text[], text[], jsonb[], text[], integer, bigint, boolean);
 
--- dispatch as in version 2, plus p_unique: one unique key per task ('' for
+-- dispatch as in version 2, plus p_retry (each task's own retry policy, NULL
+-- for none) and p_unique: one unique key per task ('' for
 -- none; the caller has already folded duplicates within the batch). Before
 -- anything else it takes the keys' advisory locks, in key order, and looks
 -- for a waiting task with each key: a task whose key has one is not inserted
@@ -27,7 +46,7 @@ DROP FUNCTION {{schema}}.dispatch(text[], jsonb[], jsonb, jsonb, bigint[], text)
 -- in the batch, 1-based) says so. Rows of inserted tasks have existing NULL.
 CREATE FUNCTION {{schema}}.dispatch(
     p_names text[], p_args jsonb[], p_excl jsonb, p_shared jsonb, p_timeouts bigint[], p_channel text,
-    p_unique text[])
+    p_unique text[], p_retry jsonb[])
 RETURNS TABLE (id bigint, created_at timestamptz, ready boolean, existing integer)
 LANGUAGE plpgsql
 -- Planned once per session: its statements are long to plan, and the same
@@ -88,8 +107,8 @@ BEGIN
         SELECT nextval('{{schema}}.task_seq') AS id, u.n, u.a, u.tm,
                ARRAY(SELECT jsonb_array_elements_text(p_excl -> (u.o::int - 1))) AS ex,
                ARRAY(SELECT jsonb_array_elements_text(p_shared -> (u.o::int - 1))) AS sh,
-               nullif(u.uk, '') AS uk -- 003
-          FROM unnest(p_names, p_args, p_timeouts, p_unique) WITH ORDINALITY AS u(n, a, tm, uk, o)
+               nullif(u.uk, '') AS uk, u.rt -- 003
+          FROM unnest(p_names, p_args, p_timeouts, p_unique, p_retry) WITH ORDINALITY AS u(n, a, tm, uk, rt, o)
          WHERE u.o <> ALL (skip) -- 003
          ORDER BY u.o
     ), entries AS (
@@ -114,8 +133,8 @@ BEGIN
         INSERT INTO {{schema}}.lines (resource, task, excl, blocked)
         SELECT j.r, j.id, j.x, j.blocked FROM judged j
     )
-    INSERT INTO {{schema}}.tasks AS t (id, name, args, exclusive, shared, timeout_ms, blockers, unique_key)
-    SELECT s.id, s.n, s.a, s.ex, s.sh, nullif(s.tm, 0), coalesce(b.n, 0), s.uk
+    INSERT INTO {{schema}}.tasks AS t (id, name, args, exclusive, shared, timeout_ms, blockers, unique_key, retry)
+    SELECT s.id, s.n, s.a, s.ex, s.sh, nullif(s.tm, 0), coalesce(b.n, 0), s.uk, s.rt
       FROM specs s
       LEFT JOIN (SELECT j.id, count(*) FILTER (WHERE j.blocked) AS n FROM judged j GROUP BY j.id) b ON b.id = s.id
     RETURNING t.id, t.created_at, t.blockers = 0, NULL::integer;
@@ -136,3 +155,117 @@ CREATE TABLE {{schema}}.maintenance (
     job      text PRIMARY KEY,
     last_run timestamptz NOT NULL
 );
+
+CREATE FUNCTION {{schema}}.step(
+    p_worker bigint, p_ids bigint[], p_epochs integer[], p_states text[], p_errors text[],
+    p_results jsonb[], p_names text[], p_free integer, p_fresh_ms bigint, p_locks boolean,
+    p_delays bigint[])
+RETURNS TABLE (kind "char", id bigint, name text, args jsonb, exclusive text[], shared text[],
+               epoch integer, created_at timestamptz, started_at timestamptz, timeout_ms bigint,
+               attempt integer, retry jsonb)
+LANGUAGE plpgsql
+SET enable_hashjoin = off SET enable_mergejoin = off SET enable_seqscan = off SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+    done    bigint[] := '{}';
+    ready   bigint[] := '{}';
+    claimed bigint[] := '{}';
+    pending integer := 0;
+    n_left  integer;
+    final   bigint[] := '{}'; -- 003
+BEGIN
+    IF coalesce(array_length(p_ids, 1), 0) > 0 THEN
+        -- 003: state 'retrying' (with p_delays) is a failed attempt to
+        -- retry; every failed attempt is logged.
+        WITH u AS (
+            UPDATE {{schema}}.tasks t
+               SET state = CASE WHEN t.state = 'canceling' THEN 'canceled' ELSE v.state END,
+                   finished_at = CASE WHEN v.state = 'retrying' AND t.state <> 'canceling' THEN NULL ELSE clock_timestamp() END,
+                   error = nullif(v.error, ''), result = v.result,
+                   run_at = CASE WHEN v.state = 'retrying' THEN clock_timestamp() + v.delay * interval '1 ms' ELSE t.run_at END,
+                   attempt_log = CASE WHEN v.error <> '' AND t.state <> 'canceling'
+                                      THEN t.attempt_log || jsonb_build_object('attempt', t.attempt, 'started_at', t.started_at,
+                                                                               'finished_at', clock_timestamp(), 'error', v.error)
+                                      ELSE t.attempt_log END
+              FROM unnest(p_ids, p_epochs, p_states, p_errors, p_results, p_delays) AS v(id, epoch, state, error, result, delay)
+             WHERE t.id = v.id AND t.worker_id IS NOT DISTINCT FROM p_worker AND t.epoch = v.epoch
+               AND t.state IN ('running', 'canceling')
+            RETURNING t.id, t.state
+        )
+        SELECT coalesce(array_agg(u.id), '{}'), coalesce(array_agg(u.id) FILTER (WHERE u.state <> 'retrying'), '{}')
+          INTO done, final FROM u;
+    END IF;
+    IF EXISTS (SELECT 1 FROM {{schema}}.handoffs ORDER BY resource LIMIT 1) THEN
+        pending := 16;
+    END IF;
+    IF final <> '{}' OR pending > 0 THEN -- 003: final, not done
+        ready := {{schema}}.settle(final, pending);
+    END IF;
+    -- 003: due retries go back to waiting, ready (see tasks_retry_idx).
+    WITH p AS (
+        UPDATE {{schema}}.tasks t SET state = 'waiting'
+         WHERE t.id = ANY (ARRAY(SELECT r.id FROM {{schema}}.tasks r
+                                  WHERE r.state = 'retrying' AND r.run_at <= clock_timestamp()
+                                  ORDER BY r.run_at LIMIT 64 FOR UPDATE SKIP LOCKED))
+        RETURNING t.id
+    )
+    SELECT ready || coalesce(array_agg(p.id), '{}') INTO ready FROM p;
+    RETURN QUERY SELECT 'f'::"char", d, NULL::text, NULL::jsonb, NULL::text[], NULL::text[],
+                        NULL::integer, NULL::timestamptz, NULL::timestamptz, NULL::bigint, NULL::integer, NULL::jsonb
+                   FROM unnest(done) d;
+    -- Claim only while this worker's heartbeat is fresh: cleanup declares a
+    -- worker lost after a TTL without one, and p_fresh_ms (two thirds of
+    -- it) leaves the worker that much time to start what it claims before
+    -- cleanup could fail those tasks under it.
+    IF p_free > 0 AND EXISTS (SELECT 1 FROM {{schema}}.workers w
+                               WHERE w.id = p_worker AND w.heartbeat_at > now() - p_fresh_ms * interval '1 ms') THEN
+        RETURN QUERY
+        UPDATE {{schema}}.tasks t
+           SET state = 'running', worker_id = p_worker, epoch = t.epoch + 1, started_at = clock_timestamp(),
+               attempt = t.attempt + 1 -- 003
+         WHERE t.id = ANY (ARRAY(
+                SELECT c.id FROM {{schema}}.tasks c
+                 WHERE c.state = 'waiting' AND c.blockers = 0 AND c.name = ANY (p_names)
+                   AND (p_locks OR c.exclusive = '{}' AND c.shared = '{}')
+                 ORDER BY c.id LIMIT p_free FOR UPDATE SKIP LOCKED))
+        RETURNING 'c'::"char", t.id, t.name, t.args, t.exclusive, t.shared, t.epoch, t.created_at,
+                  t.started_at, coalesce(t.timeout_ms, 0), t.attempt, t.retry; -- 003: attempt, retry
+    END IF;
+    n_left := (SELECT count(*) FROM unnest(ready) r
+              WHERE NOT EXISTS (SELECT 1 FROM {{schema}}.tasks t
+                                 WHERE t.id = r AND t.worker_id = p_worker AND t.state = 'running'));
+    -- 003: created_at is the time the next retry is due (NULL: none), so the
+    -- worker can wake up for it.
+    RETURN QUERY SELECT 's'::"char", n_left::bigint, NULL::text, NULL::jsonb, NULL::text[], NULL::text[],
+                        (EXISTS (SELECT 1 FROM {{schema}}.handoffs ORDER BY resource LIMIT 1))::integer,
+                        (SELECT r.run_at FROM {{schema}}.tasks r WHERE r.state = 'retrying' ORDER BY r.run_at LIMIT 1),
+                        NULL::timestamptz, NULL::bigint, NULL::integer, NULL::jsonb;
+END
+$$;
+
+-- cancel as in version 2; a task waiting for a retry is canceled at once too.
+CREATE OR REPLACE FUNCTION {{schema}}.cancel(p_id bigint, p_channel text)
+RETURNS TABLE (state text, ready integer)
+LANGUAGE plpgsql AS $$
+DECLARE
+    st text;
+    n  integer := 0;
+BEGIN
+    UPDATE {{schema}}.tasks t
+       SET state = CASE WHEN t.state IN ('waiting', 'retrying') THEN 'canceled' ELSE 'canceling' END, -- 003: retrying
+           finished_at = CASE WHEN t.state IN ('waiting', 'retrying') THEN clock_timestamp() END
+     WHERE t.id = p_id AND t.state IN ('waiting', 'retrying', 'running')
+    RETURNING t.state INTO st;
+    IF st = 'canceled' THEN
+        n := coalesce(array_length({{schema}}.settle(ARRAY[p_id], 0), 1), 0);
+        IF n > 0 AND p_channel <> '' THEN
+            PERFORM pg_notify(p_channel, 'r');
+        END IF;
+    ELSIF st = 'canceling' AND p_channel <> '' THEN
+        PERFORM pg_notify(p_channel, 'c' || p_id);
+    END IF;
+    state := st;
+    ready := n;
+    RETURN NEXT;
+END
+$$;
