@@ -51,6 +51,16 @@
 // batch in one round trip. [Client.Wait] blocks until a task is final;
 // [Client.List] shows, for example, what waits on a resource.
 //
+// # Scheduled tasks
+//
+// [RunAt] (or [RunAfter]) dispatches a task that must not start before a
+// time; until then it is in [StateScheduled], and workers wake up when it
+// is due. It takes its place in line when it is dispatched, like any
+// task: later conflicting tasks wait until it has run. A task scheduled for
+// next week on a busy resource therefore holds that resource's later tasks
+// for a week; schedule on resources nothing else needs meanwhile, or
+// dispatch nearer the time.
+//
 // # Unique dispatch
 //
 // [Unique] gives a task a key; while a waiting task has the key, another

@@ -47,7 +47,7 @@ const taskCols = `id, name, args, exclusive, shared, state, coalesce(worker_id, 
 func newQueries(schema string) queries {
 	s := pgx.Identifier{schema}.Sanitize()
 	return queries{
-		dispatch: `SELECT id, created_at, ready, existing FROM ` + s + `.dispatch($1, $2, $3, $4, $5, $6, $7, $8)`,
+		dispatch: `SELECT id, created_at, ready, existing FROM ` + s + `.dispatch($1, $2, $3, $4, $5, $6, $7, $8, $9)`,
 		cancel:   `SELECT state, ready FROM ` + s + `.cancel($1, $2)`,
 		get:      `SELECT ` + taskCols + ` FROM ` + s + `.tasks WHERE id = $1`,
 		list: `SELECT ` + taskCols + ` FROM ` + s + `.tasks
@@ -108,6 +108,7 @@ func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch, autoc
 	n := len(send)
 	names, args, uniq := make([]string, n), make([]string, n), make([]string, n)
 	retries := make([]*string, n)
+	runAt := make([]*time.Time, n)
 	excl, shared := make([][]string, n), make([][]string, n)
 	timeouts := make([]int64, n)
 	for k, i := range send {
@@ -115,6 +116,9 @@ func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch, autoc
 		names[k], excl[k], shared[k], args[k], uniq[k] = s.Name, s.Exclusive, s.Shared, string(b.args[i]), s.Unique
 		timeouts[k] = s.Timeout.Milliseconds()
 		retries[k] = encodeRetry(s.Retry)
+		if !s.RunAt.IsZero() {
+			runAt[k] = &s.RunAt
+		}
 	}
 	exclJSON, _ := json.Marshal(excl)
 	sharedJSON, _ := json.Marshal(shared)
@@ -122,7 +126,7 @@ func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch, autoc
 	if autocommit {
 		channel = c.bus.autocommitChannel()
 	}
-	rows, err := db.Query(ctx, c.q.dispatch, names, args, string(exclJSON), string(sharedJSON), timeouts, channel, uniq, retries)
+	rows, err := db.Query(ctx, c.q.dispatch, names, args, string(exclJSON), string(sharedJSON), timeouts, channel, uniq, retries, runAt)
 	if err != nil {
 		return nil, false, dispatchErr(err)
 	}
@@ -180,6 +184,9 @@ func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch, autoc
 			ID: r.id, Name: s.Name, Args: b.args[i], Exclusive: s.Exclusive, Shared: s.Shared,
 			State: StateWaiting, CreatedAt: r.created, Timeout: s.Timeout, UniqueKey: s.Unique, Retry: s.Retry,
 		}
+		if s.RunAt.After(r.created) {
+			tasks[i].State, tasks[i].RunAt = StateScheduled, s.RunAt
+		}
 	}
 	for i, j := range same {
 		t := *tasks[j]
@@ -226,7 +233,7 @@ func scanTask(row pgx.Row) (*Task, error) {
 	var log, retry []byte
 	err := row.Scan(&t.ID, &t.Name, &args, &t.Exclusive, &t.Shared, &state, &t.WorkerID, &t.Epoch,
 		&t.CreatedAt, &t.StartedAt, &t.FinishedAt, &t.Error, &result, &timeoutMS, &t.UniqueKey,
-		&t.Attempt, &log, &t.RetryAt, &retry)
+		&t.Attempt, &log, &t.RunAt, &retry)
 	if err != nil {
 		return nil, err
 	}
@@ -234,8 +241,8 @@ func scanTask(row pgx.Row) (*Task, error) {
 		return nil, fmt.Errorf("attempt log of task %d: %w", t.ID, err)
 	}
 	t.Retry = decodeRetry(retry)
-	if state != string(StateRetrying) {
-		t.RetryAt = time.Time{}
+	if t.RunAt.Unix() == 0 {
+		t.RunAt = time.Time{}
 	}
 	t.State = State(state)
 	t.Timeout = time.Duration(timeoutMS) * time.Millisecond
@@ -370,7 +377,7 @@ func (c *Client) List(ctx context.Context, f ListFilter) ([]*Task, int64, error)
 		return nil, 0, inputErr("limit", "%d, need 1 to 10000", f.Limit)
 	}
 	switch f.State {
-	case "", StateWaiting, StateRetrying, StateRunning, StateCanceling, StateCompleted, StateFailed, StateCanceled:
+	case "", StateWaiting, StateScheduled, StateRetrying, StateRunning, StateCanceling, StateCompleted, StateFailed, StateCanceled:
 	default:
 		return nil, 0, inputErr("state", "unknown state %q", f.State)
 	}

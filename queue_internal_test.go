@@ -61,7 +61,9 @@ func modelReady(ts []modelTask) []int64 {
 // TestReadyMatchesModel drives the schema's functions (dispatch, step,
 // cancel) through a seeded random history of dispatches, claims, finishes,
 // failed attempts to retry (at once or later: a task waiting for its retry
-// is not final, so it keeps blocking what conflicts with it) and cancels, on few names so that lines are long and tasks name several,
+// is not final, so it keeps blocking what conflicts with it), scheduled
+// tasks (they stand in line at their dispatch position, and become
+// claimable only once due) and cancels, on few names so that lines are long and tasks name several,
 // and checks after every action that the ready tasks are exactly those the
 // definition says. Replay a failure with TASKING_SEED.
 func TestReadyMatchesModel(t *testing.T) {
@@ -120,13 +122,16 @@ func TestReadyMatchesModel(t *testing.T) {
 				for n := rng.IntN(3); n > 0; n-- {
 					opts = append(opts, Shared(name()))
 				}
+				if rng.IntN(5) == 0 { // scheduled: due when an action says so
+					opts = append(opts, RunAfter(time.Hour))
+				}
 				specs = append(specs, Spec("t", nil, opts...))
 			}
 			ts, err := c.DispatchMany(ctx, specs...)
 			require.NoError(t, err)
 			for _, tk := range ts {
 				byID[tk.ID] = len(model)
-				model = append(model, modelTask{id: tk.ID, excl: tk.Exclusive, shr: tk.Shared, state: StateWaiting})
+				model = append(model, modelTask{id: tk.ID, excl: tk.Exclusive, shr: tk.Shared, state: tk.State})
 			}
 			check(step, "dispatch")
 		case k < 7: // finish some running tasks (some to retry, now or later) and claim up to a few
@@ -151,9 +156,10 @@ func TestReadyMatchesModel(t *testing.T) {
 			res, err := c.step(ctx, conn, worker, outs, []string{"t"}, rng.IntN(4), time.Hour, true)
 			require.NoError(t, err)
 			require.Len(t, res.done, len(outs))
-			// The step put the due retries back in line before it claimed.
+			// The step put the due retries and scheduled tasks back in line
+			// before it claimed.
 			for i := range model {
-				if model[i].state == StateRetrying && model[i].due {
+				if (model[i].state == StateRetrying || model[i].state == StateScheduled) && model[i].due {
 					model[i].state, model[i].due = StateWaiting, false
 				}
 			}
@@ -163,10 +169,10 @@ func TestReadyMatchesModel(t *testing.T) {
 				running[tk.ID] = tk
 			}
 			check(step, "step")
-		case k == 7: // a retry becomes due (the next step puts it back in line)
+		case k == 7: // a retry or a scheduled task becomes due (the next step puts it back in line)
 			var later []int64
 			for _, m := range model {
-				if m.state == StateRetrying && !m.due {
+				if (m.state == StateRetrying || m.state == StateScheduled) && !m.due {
 					later = append(later, m.id)
 				}
 			}
@@ -181,7 +187,7 @@ func TestReadyMatchesModel(t *testing.T) {
 		default: // cancel a waiting task, or one waiting for a retry
 			var waiting []int64
 			for _, m := range model {
-				if m.state == StateWaiting || m.state == StateRetrying {
+				if m.state == StateWaiting || m.state == StateRetrying || m.state == StateScheduled {
 					waiting = append(waiting, m.id)
 				}
 			}

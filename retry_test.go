@@ -116,7 +116,7 @@ func TestRetryWaitingShowsStateAndCancels(t *testing.T) {
 	}, 10*time.Second, 5*time.Millisecond)
 	require.Equal(t, "boom", got.Error)
 	require.Nil(t, got.Err(), "not failed: it runs again")
-	require.WithinDuration(t, time.Now().Add(time.Hour), got.RetryAt, 15*time.Minute)
+	require.WithinDuration(t, time.Now().Add(time.Hour), got.RunAt, 15*time.Minute)
 	require.Equal(t, 5, got.Retry.Attempts)
 	retrying, _, err := c.List(ctx, tasking.ListFilter{State: tasking.StateRetrying})
 	require.NoError(t, err)

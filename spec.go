@@ -45,7 +45,7 @@ func prepareBatch(specs []TaskSpec) (*preparedBatch, error) {
 				return nil, err
 			}
 		}
-		b.specs[i] = TaskSpec{Name: s.Name, Exclusive: excl, Shared: shared, Timeout: s.Timeout, Unique: s.Unique, Retry: s.Retry}
+		b.specs[i] = TaskSpec{Name: s.Name, Exclusive: excl, Shared: shared, Timeout: s.Timeout, Unique: s.Unique, Retry: s.Retry, RunAt: s.RunAt}
 		b.args[i] = a
 	}
 	return b, nil

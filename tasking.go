@@ -99,7 +99,8 @@ type State string
 // The states of a task. Completed, failed and canceled are final.
 const (
 	StateWaiting   State = "waiting"
-	StateRetrying  State = "retrying" // an attempt failed; it runs again after its backoff (see RetryPolicy)
+	StateScheduled State = "scheduled" // dispatched with a start time still to come (see RunAt)
+	StateRetrying  State = "retrying"  // an attempt failed; it runs again after its backoff (see RetryPolicy)
 	StateRunning   State = "running"
 	StateCanceling State = "canceling"
 	StateCompleted State = "completed"
@@ -186,8 +187,10 @@ type Task struct {
 	// Attempts holds every failed attempt, oldest first. The last one's
 	// error is also in Error.
 	Attempts []Attempt
-	// RetryAt is, for a task in StateRetrying, when it may run again.
-	RetryAt time.Time
+	// RunAt is the time before which the task was not to start: the one
+	// it was dispatched with ([RunAt]), or, once an attempt failed, the end
+	// of the last backoff. Zero for neither.
+	RunAt time.Time
 	// Retry is the task's own retry policy ([Retry]), nil for none.
 	Retry *RetryPolicy
 
@@ -388,6 +391,22 @@ func Timeout(d time.Duration) DispatchOption {
 	return func(s *TaskSpec) { s.Timeout = d }
 }
 
+// RunAt schedules the task: it does not start before t (PostgreSQL's clock
+// decides). Until then it is in [StateScheduled]. It takes its place in
+// line when it is dispatched, like any task: tasks dispatched after it that
+// conflict with it wait until it has run, and tasks dispatched before it
+// that conflict with it run first. So schedule on resources that nothing
+// else needs meanwhile, or dispatch closer to the time. Workers wake up
+// when it is due. A time in the past is now. Default: now.
+func RunAt(t time.Time) DispatchOption {
+	return func(s *TaskSpec) { s.RunAt = t }
+}
+
+// RunAfter is RunAt(time.Now().Add(d)).
+func RunAfter(d time.Duration) DispatchOption {
+	return func(s *TaskSpec) { s.RunAt = time.Now().Add(d) }
+}
+
 // Unique gives the task a unique key: while a waiting task has the key,
 // dispatching another task with it adds nothing and returns the waiting
 // task, with [Task.Existing] set. A task that is running (or final) does not
@@ -418,6 +437,7 @@ type TaskSpec struct {
 	Timeout   time.Duration // 0: none
 	Unique    string        // unique key (see [Unique]); "": none
 	Retry     *RetryPolicy  // the task's own retry policy (see [Retry]); nil: its handler's
+	RunAt     time.Time     // not before this time (see [RunAt]); zero: now
 
 	uniqueSet bool // Unique was given, so "" is an error
 }

@@ -10,18 +10,24 @@ ALTER TABLE {{schema}}.tasks ADD COLUMN unique_key text COLLATE "C";
 -- the task in state 'retrying' until run_at: it is not final, so its line
 -- entries stay and later conflicting tasks keep waiting behind it, and it
 -- is not waiting, so it is not in tasks_ready_idx. The step moves due
--- retries back to waiting (tasks_retry_idx: one probe when none is due);
+-- retries back to waiting (tasks_due_idx: one probe when none is due);
 -- with no blockers (it was ready when it ran) it is ready at once.
 -- attempt counts the claims that ran (a claim put back does not count),
 -- attempt_log keeps every failed attempt, retry is the task's own policy.
+--
+-- Scheduled tasks: a task dispatched with a run_at in the future is in
+-- state 'scheduled' until then, and the step moves it to waiting like a due
+-- retry. It takes its place in line at dispatch (its id), like any task:
+-- later conflicting tasks wait behind it until it has run. Its blockers are
+-- counted as for any task, so once waiting it is ready when they are gone.
 ALTER TABLE {{schema}}.tasks DROP CONSTRAINT tasks_state_check;
 ALTER TABLE {{schema}}.tasks ADD CONSTRAINT tasks_state_check
-    CHECK (state IN ('waiting', 'retrying', 'running', 'canceling', 'completed', 'failed', 'canceled'));
+    CHECK (state IN ('waiting', 'scheduled', 'retrying', 'running', 'canceling', 'completed', 'failed', 'canceled'));
 ALTER TABLE {{schema}}.tasks ADD COLUMN attempt integer NOT NULL DEFAULT 0,
                              ADD COLUMN attempt_log jsonb NOT NULL DEFAULT '[]',
                              ADD COLUMN run_at timestamptz,
                              ADD COLUMN retry jsonb;
-CREATE INDEX tasks_retry_idx ON {{schema}}.tasks (run_at) WHERE state = 'retrying';
+CREATE INDEX tasks_due_idx ON {{schema}}.tasks (run_at) WHERE state IN ('scheduled', 'retrying');
 
 -- The waiting task with a given key. Not a unique index: a claimed task whose
 -- locks were refused goes back to waiting (design.md §6), and must not fail
@@ -37,7 +43,8 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT hashtextextended(k, {{seed}} +
 DROP FUNCTION {{schema}}.dispatch(text[], jsonb[], jsonb, jsonb, bigint[], text);
 DROP FUNCTION {{schema}}.step(bigint, bigint[], integer[], text[], text[], jsonb[], text[], integer, bigint, boolean);
 
--- dispatch as in version 2, plus p_retry (each task's own retry policy, NULL
+-- dispatch as in version 2, plus p_run_at (NULL, or a time before which the
+-- task must not start), p_retry (each task's own retry policy, NULL
 -- for none) and p_unique: one unique key per task ('' for
 -- none; the caller has already folded duplicates within the batch). Before
 -- anything else it takes the keys' advisory locks, in key order, and looks
@@ -46,7 +53,7 @@ DROP FUNCTION {{schema}}.step(bigint, bigint[], integer[], text[], text[], jsonb
 -- in the batch, 1-based) says so. Rows of inserted tasks have existing NULL.
 CREATE FUNCTION {{schema}}.dispatch(
     p_names text[], p_args jsonb[], p_excl jsonb, p_shared jsonb, p_timeouts bigint[], p_channel text,
-    p_unique text[], p_retry jsonb[])
+    p_unique text[], p_retry jsonb[], p_run_at timestamptz[])
 RETURNS TABLE (id bigint, created_at timestamptz, ready boolean, existing integer)
 LANGUAGE plpgsql
 -- Planned once per session: its statements are long to plan, and the same
@@ -107,8 +114,8 @@ BEGIN
         SELECT nextval('{{schema}}.task_seq') AS id, u.n, u.a, u.tm,
                ARRAY(SELECT jsonb_array_elements_text(p_excl -> (u.o::int - 1))) AS ex,
                ARRAY(SELECT jsonb_array_elements_text(p_shared -> (u.o::int - 1))) AS sh,
-               nullif(u.uk, '') AS uk, u.rt -- 003
-          FROM unnest(p_names, p_args, p_timeouts, p_unique, p_retry) WITH ORDINALITY AS u(n, a, tm, uk, rt, o)
+               nullif(u.uk, '') AS uk, u.rt, u.ra -- 003
+          FROM unnest(p_names, p_args, p_timeouts, p_unique, p_retry, p_run_at) WITH ORDINALITY AS u(n, a, tm, uk, rt, ra, o)
          WHERE u.o <> ALL (skip) -- 003
          ORDER BY u.o
     ), entries AS (
@@ -133,11 +140,15 @@ BEGIN
         INSERT INTO {{schema}}.lines (resource, task, excl, blocked)
         SELECT j.r, j.id, j.x, j.blocked FROM judged j
     )
-    INSERT INTO {{schema}}.tasks AS t (id, name, args, exclusive, shared, timeout_ms, blockers, unique_key, retry)
-    SELECT s.id, s.n, s.a, s.ex, s.sh, nullif(s.tm, 0), coalesce(b.n, 0), s.uk, s.rt
+    INSERT INTO {{schema}}.tasks AS t (id, name, args, exclusive, shared, timeout_ms, blockers, unique_key, retry,
+                                        state, run_at)
+    SELECT s.id, s.n, s.a, s.ex, s.sh, nullif(s.tm, 0), coalesce(b.n, 0), s.uk, s.rt,
+           CASE WHEN s.ra > now() THEN 'scheduled' ELSE 'waiting' END, s.ra
       FROM specs s
       LEFT JOIN (SELECT j.id, count(*) FILTER (WHERE j.blocked) AS n FROM judged j GROUP BY j.id) b ON b.id = s.id
-    RETURNING t.id, t.created_at, t.blockers = 0, NULL::integer;
+    -- 003: ready also when a scheduled task was added: workers should look
+    -- (a step tells them when it is due).
+    RETURNING t.id, t.created_at, t.blockers = 0 OR t.state = 'scheduled', NULL::integer;
     IF p_channel <> '' THEN
         PERFORM pg_notify(p_channel, 'd');
     END IF;
@@ -201,15 +212,16 @@ BEGIN
     IF final <> '{}' OR pending > 0 THEN -- 003: final, not done
         ready := {{schema}}.settle(final, pending);
     END IF;
-    -- 003: due retries go back to waiting, ready (see tasks_retry_idx).
+    -- 003: due retries and scheduled tasks go back to waiting (see
+    -- tasks_due_idx): ready unless a scheduled one is still blocked.
     WITH p AS (
         UPDATE {{schema}}.tasks t SET state = 'waiting'
          WHERE t.id = ANY (ARRAY(SELECT r.id FROM {{schema}}.tasks r
-                                  WHERE r.state = 'retrying' AND r.run_at <= clock_timestamp()
+                                  WHERE r.state IN ('scheduled', 'retrying') AND r.run_at <= clock_timestamp()
                                   ORDER BY r.run_at LIMIT 64 FOR UPDATE SKIP LOCKED))
-        RETURNING t.id
+        RETURNING t.id, t.blockers
     )
-    SELECT ready || coalesce(array_agg(p.id), '{}') INTO ready FROM p;
+    SELECT ready || coalesce(array_agg(p.id) FILTER (WHERE p.blockers = 0), '{}') INTO ready FROM p;
     RETURN QUERY SELECT 'f'::"char", d, NULL::text, NULL::jsonb, NULL::text[], NULL::text[],
                         NULL::integer, NULL::timestamptz, NULL::timestamptz, NULL::bigint, NULL::integer, NULL::jsonb
                    FROM unnest(done) d;
@@ -234,16 +246,17 @@ BEGIN
     n_left := (SELECT count(*) FROM unnest(ready) r
               WHERE NOT EXISTS (SELECT 1 FROM {{schema}}.tasks t
                                  WHERE t.id = r AND t.worker_id = p_worker AND t.state = 'running'));
-    -- 003: created_at is the time the next retry is due (NULL: none), so the
-    -- worker can wake up for it.
+    -- 003: created_at is the time the next retry or scheduled task is due
+    -- (NULL: none), so the worker can wake up for it.
     RETURN QUERY SELECT 's'::"char", n_left::bigint, NULL::text, NULL::jsonb, NULL::text[], NULL::text[],
                         (EXISTS (SELECT 1 FROM {{schema}}.handoffs ORDER BY resource LIMIT 1))::integer,
-                        (SELECT r.run_at FROM {{schema}}.tasks r WHERE r.state = 'retrying' ORDER BY r.run_at LIMIT 1),
+                        (SELECT r.run_at FROM {{schema}}.tasks r WHERE r.state IN ('scheduled', 'retrying') ORDER BY r.run_at LIMIT 1),
                         NULL::timestamptz, NULL::bigint, NULL::integer, NULL::jsonb;
 END
 $$;
 
--- cancel as in version 2; a task waiting for a retry is canceled at once too.
+-- cancel as in version 2; a scheduled task, or one waiting for a retry, is
+-- canceled at once too.
 CREATE OR REPLACE FUNCTION {{schema}}.cancel(p_id bigint, p_channel text)
 RETURNS TABLE (state text, ready integer)
 LANGUAGE plpgsql AS $$
@@ -252,9 +265,9 @@ DECLARE
     n  integer := 0;
 BEGIN
     UPDATE {{schema}}.tasks t
-       SET state = CASE WHEN t.state IN ('waiting', 'retrying') THEN 'canceled' ELSE 'canceling' END, -- 003: retrying
-           finished_at = CASE WHEN t.state IN ('waiting', 'retrying') THEN clock_timestamp() END
-     WHERE t.id = p_id AND t.state IN ('waiting', 'retrying', 'running')
+       SET state = CASE WHEN t.state IN ('waiting', 'scheduled', 'retrying') THEN 'canceled' ELSE 'canceling' END, -- 003
+           finished_at = CASE WHEN t.state IN ('waiting', 'scheduled', 'retrying') THEN clock_timestamp() END
+     WHERE t.id = p_id AND t.state IN ('waiting', 'scheduled', 'retrying', 'running')
     RETURNING t.state INTO st;
     IF st = 'canceled' THEN
         n := coalesce(array_length({{schema}}.settle(ARRAY[p_id], 0), 1), 0);
