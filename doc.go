@@ -61,6 +61,21 @@
 // for a week; schedule on resources nothing else needs meanwhile, or
 // dispatch nearer the time.
 //
+// # Periodic tasks
+//
+// [WithPeriodic] registers a schedule on a worker, [Every] for fixed
+// intervals or [Cron] for a cron expression:
+//
+//	daily, err := tasking.Cron("0 3 * * *") // 03:00 UTC
+//	w := tasking.NewWorker(client, tasking.WithPeriodic("nightly-gc", daily,
+//		tasking.Spec("gc", nil, tasking.Exclusive("storage"))))
+//
+// Register it on as many workers as you like: each period's task is
+// dispatched exactly once across the fleet (the worker whose transaction
+// moves the schedule's stored last period forward dispatches it, in that
+// transaction), with no leader. Periods missed while no such worker ran are
+// coalesced into one task, for the latest of them, when a worker starts.
+//
 // # Unique dispatch
 //
 // [Unique] gives a task a key; while a waiting task has the key, another

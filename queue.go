@@ -28,16 +28,18 @@ type querier interface {
 // ordering promise lives in the schema's functions (internal/migrate/sql):
 // dispatch, step, cancel, settle and handoff.
 type queries struct {
-	dispatch    string
-	cancel      string
-	get         string
-	list        string
-	finals      string
-	byIDs       string
-	purge       string
-	claimPeriod string
-	step        string
-	unclaim     string
+	dispatch      string
+	cancel        string
+	get           string
+	list          string
+	finals        string
+	byIDs         string
+	purge         string
+	claimPeriod   string
+	lastPeriod    string
+	claimPeriodic string
+	step          string
+	unclaim       string
 }
 
 const taskCols = `id, name, args, exclusive, shared, state, coalesce(worker_id, 0), epoch,
@@ -46,10 +48,13 @@ const taskCols = `id, name, args, exclusive, shared, state, coalesce(worker_id, 
 
 func newQueries(schema string) queries {
 	s := pgx.Identifier{schema}.Sanitize()
+	lastPeriod, claimPeriodic := periodicSQL(s)
 	return queries{
-		dispatch: `SELECT id, created_at, ready, existing FROM ` + s + `.dispatch($1, $2, $3, $4, $5, $6, $7, $8, $9)`,
-		cancel:   `SELECT state, ready FROM ` + s + `.cancel($1, $2)`,
-		get:      `SELECT ` + taskCols + ` FROM ` + s + `.tasks WHERE id = $1`,
+		lastPeriod:    lastPeriod,
+		claimPeriodic: claimPeriodic,
+		dispatch:      `SELECT id, created_at, ready, existing FROM ` + s + `.dispatch($1, $2, $3, $4, $5, $6, $7, $8, $9)`,
+		cancel:        `SELECT state, ready FROM ` + s + `.cancel($1, $2)`,
+		get:           `SELECT ` + taskCols + ` FROM ` + s + `.tasks WHERE id = $1`,
 		list: `SELECT ` + taskCols + ` FROM ` + s + `.tasks
 			WHERE id > $1 AND ($2 = '' OR state = $2) AND ($3 = '' OR name = $3)
 			  AND ($4 = '' OR $4 = ANY(exclusive) OR $4 = ANY(shared))
@@ -59,7 +64,7 @@ func newQueries(schema string) queries {
 		purge:       purgeSQL(s),
 		claimPeriod: claimPeriodSQL(s),
 		byIDs:       `SELECT ` + taskCols + ` FROM ` + s + `.tasks WHERE id = ANY($1)`,
-		step: `SELECT kind, id, name, args, exclusive, shared, epoch, created_at, started_at, timeout_ms, attempt, retry
+		step: `SELECT kind, id, name, args, exclusive, shared, epoch, created_at, started_at, timeout_ms, attempt, retry, unique_key, run_at
 			FROM ` + s + `.step($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)`,
 		// Puts back tasks this worker claimed but will not run (their locks
 		// were refused, or the step's reply was lost), guarded by owner and
@@ -328,7 +333,10 @@ func (c *Client) step(ctx context.Context, conn *workerConn, worker int64, outs 
 			var timeout *int64
 			var attempt *int32
 			var retry []byte
-			if err := rows.Scan(&kind, &id, &name, &args, &excl, &shared, &epoch, &created, &started, &timeout, &attempt, &retry); err != nil {
+			var unique *string
+			var runAt *time.Time
+			if err := rows.Scan(&kind, &id, &name, &args, &excl, &shared, &epoch, &created, &started, &timeout,
+				&attempt, &retry, &unique, &runAt); err != nil {
 				return err
 			}
 			switch kind {
@@ -341,6 +349,13 @@ func (c *Client) step(ctx context.Context, conn *workerConn, worker int64, outs 
 					StartedAt: *started, Timeout: time.Duration(*timeout) * time.Millisecond,
 					Attempt: int(*attempt), Retry: decodeRetry(retry),
 				})
+				t := res.claimed[len(res.claimed)-1]
+				if unique != nil {
+					t.UniqueKey = *unique
+				}
+				if runAt != nil {
+					t.RunAt = *runAt
+				}
 			case 's':
 				res.left = int(id)
 				res.handoffs = epoch != nil && *epoch > 0

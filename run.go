@@ -166,6 +166,10 @@ func (r *run) serve(ctx context.Context, grace func() context.Context) error {
 		})
 	}()
 	go func() { defer bgW.Done(); r.heartbeat(bg) }()
+	for _, p := range r.w.cfg.periodic {
+		bgW.Add(1)
+		go func() { defer bgW.Done(); r.periodicLoop(bg, p) }()
+	}
 
 	var loops sync.WaitGroup
 	for _, l := range r.lanes {

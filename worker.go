@@ -83,6 +83,7 @@ type workerConfig struct {
 	ttl   time.Duration
 
 	retention *Retention // nil: none
+	periodic  []periodic
 }
 
 // WithSlots sets how many handlers run at once. Default: 16.
@@ -337,8 +338,8 @@ func (w *Worker) validate() error {
 		return inputErr("heartbeat TTL", "%v, need > 0", w.cfg.ttl)
 	case w.cfg.name == "":
 		return inputErr("worker name", "empty")
-	case w.cfg.retention != nil:
+	case w.cfg.retention != nil && w.cfg.retention.validate() != nil:
 		return w.cfg.retention.validate()
 	}
-	return nil
+	return checkPeriodic(w.cfg.periodic)
 }

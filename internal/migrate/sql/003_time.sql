@@ -173,7 +173,7 @@ CREATE FUNCTION {{schema}}.step(
     p_delays bigint[])
 RETURNS TABLE (kind "char", id bigint, name text, args jsonb, exclusive text[], shared text[],
                epoch integer, created_at timestamptz, started_at timestamptz, timeout_ms bigint,
-               attempt integer, retry jsonb)
+               attempt integer, retry jsonb, unique_key text, run_at timestamptz)
 LANGUAGE plpgsql
 SET enable_hashjoin = off SET enable_mergejoin = off SET enable_seqscan = off SET plan_cache_mode = force_generic_plan
 AS $$
@@ -223,7 +223,8 @@ BEGIN
     )
     SELECT ready || coalesce(array_agg(p.id) FILTER (WHERE p.blockers = 0), '{}') INTO ready FROM p;
     RETURN QUERY SELECT 'f'::"char", d, NULL::text, NULL::jsonb, NULL::text[], NULL::text[],
-                        NULL::integer, NULL::timestamptz, NULL::timestamptz, NULL::bigint, NULL::integer, NULL::jsonb
+                        NULL::integer, NULL::timestamptz, NULL::timestamptz, NULL::bigint, NULL::integer, NULL::jsonb,
+                        NULL::text, NULL::timestamptz
                    FROM unnest(done) d;
     -- Claim only while this worker's heartbeat is fresh: cleanup declares a
     -- worker lost after a TTL without one, and p_fresh_ms (two thirds of
@@ -241,7 +242,7 @@ BEGIN
                    AND (p_locks OR c.exclusive = '{}' AND c.shared = '{}')
                  ORDER BY c.id LIMIT p_free FOR UPDATE SKIP LOCKED))
         RETURNING 'c'::"char", t.id, t.name, t.args, t.exclusive, t.shared, t.epoch, t.created_at,
-                  t.started_at, coalesce(t.timeout_ms, 0), t.attempt, t.retry; -- 003: attempt, retry
+                  t.started_at, coalesce(t.timeout_ms, 0), t.attempt, t.retry, t.unique_key, t.run_at; -- 003
     END IF;
     n_left := (SELECT count(*) FROM unnest(ready) r
               WHERE NOT EXISTS (SELECT 1 FROM {{schema}}.tasks t
@@ -251,7 +252,7 @@ BEGIN
     RETURN QUERY SELECT 's'::"char", n_left::bigint, NULL::text, NULL::jsonb, NULL::text[], NULL::text[],
                         (EXISTS (SELECT 1 FROM {{schema}}.handoffs ORDER BY resource LIMIT 1))::integer,
                         (SELECT r.run_at FROM {{schema}}.tasks r WHERE r.state IN ('scheduled', 'retrying') ORDER BY r.run_at LIMIT 1),
-                        NULL::timestamptz, NULL::bigint, NULL::integer, NULL::jsonb;
+                        NULL::timestamptz, NULL::bigint, NULL::integer, NULL::jsonb, NULL::text, NULL::timestamptz;
 END
 $$;
 
@@ -282,3 +283,12 @@ BEGIN
     RETURN NEXT;
 END
 $$;
+
+-- Periodic tasks: the last period of each schedule that was dispatched. A
+-- worker dispatches a period's task in the same transaction as it moves
+-- last_period forward (only if it is earlier), so each period is
+-- dispatched once across the fleet, with no leader.
+CREATE TABLE {{schema}}.periodic (
+    name        text PRIMARY KEY,
+    last_period timestamptz NOT NULL
+);
