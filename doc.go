@@ -78,8 +78,8 @@
 //
 // # Unique dispatch
 //
-// [Unique] gives a task a key; while a waiting task has the key, another
-// dispatch with it adds nothing and returns the waiting task, with
+// [Unique] gives a task a key; while a task yet to run has the key, another
+// dispatch with it adds nothing and returns that task, with
 // [Task.Existing] set. A running task does not count, so a stream of
 // "sync repository 42" requests keeps at most one sync queued behind the
 // running one:

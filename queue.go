@@ -297,7 +297,7 @@ type stepResult struct {
 	claimed   []*Task
 	left      int       // tasks that became ready and were not claimed by this step
 	handoffs  bool      // handoffs were left for a later step
-	nextRetry time.Time // when the earliest retry is due, zero for none
+	nextRetry time.Time // when the earliest retry or scheduled task is due, zero for none
 }
 
 // step runs one worker step on conn (see step.go and the step function).

@@ -40,7 +40,7 @@ func (r *run) loop(ctx context.Context, conn *workerConn) {
 	poll := time.NewTimer(r.pollEvery())
 	defer poll.Stop()
 	var retry <-chan time.Time
-	var due <-chan time.Time // the earliest retry is due
+	var due <-chan time.Time // the earliest retry or scheduled task is due
 	var dueAt time.Time
 	var pending []outcome
 	results := r.results
@@ -178,7 +178,7 @@ func (r *run) unreserve(n int) {
 // step writes the outcomes, claims up to free ready tasks, acquires their
 // locks and starts them. again: something is worth another look soon
 // (refused locks, handoffs left for later). next: when the earliest retry
-// is due, zero for none.
+// or scheduled task is due, zero for none.
 func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free int) (started int, again bool, next time.Time, err error) {
 	// Release first: the step makes the next in line ready, and it should
 	// find its resources free. The handlers have returned, so nothing is

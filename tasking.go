@@ -197,7 +197,7 @@ type Task struct {
 	// UniqueKey is the task's unique key ([Unique]), "" for none.
 	UniqueKey string
 	// Existing is set on a task that Dispatch returned instead of adding
-	// one: a waiting task already had the unique key asked for.
+	// one: a task yet to run already had the unique key asked for.
 	Existing bool
 
 	// live is set on the task a handler runs: the result it sets. A Task
@@ -407,19 +407,19 @@ func RunAfter(d time.Duration) DispatchOption {
 	return func(s *TaskSpec) { s.RunAt = time.Now().Add(d) }
 }
 
-// Unique gives the task a unique key: while a waiting task has the key,
-// dispatching another task with it adds nothing and returns the waiting
-// task, with [Task.Existing] set. A task that is running (or final) does not
-// count, so "one waiting sync per repository, queued behind the running
-// one" is
+// Unique gives the task a unique key: while a task yet to run has the key
+// (waiting, scheduled, or waiting for a retry), dispatching another task
+// with it adds nothing and returns that task, with [Task.Existing] set. A
+// task that is running (or final) does not count, so "one waiting sync per
+// repository, queued behind the running one" is
 //
 //	client.Dispatch(ctx, "sync", args, tasking.Exclusive("repo:42"), tasking.Unique("sync:repo:42"))
 //
 // The check is atomic: dispatches with one key are serialised (a dispatch
 // in an open [Client.DispatchTx] transaction holds the key until it ends),
 // so concurrent dispatchers get one task. In a batch, a task whose key an
-// earlier task of the batch has gets that task. The task returned was
-// waiting when Dispatch looked; it may start right after, so a handler
+// earlier task of the batch has gets that task. The task returned was yet
+// to run when Dispatch looked; it may start right after, so a handler
 // must not count on seeing what happened after it was first dispatched.
 // The returned task keeps its own name, args, resources and place in line:
 // nothing of the new dispatch is applied to it. Default: none. A key is at

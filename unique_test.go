@@ -2,6 +2,7 @@ package tasking_test
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"testing"
 	"time"
@@ -267,4 +268,35 @@ func TestUniqueBadKey(t *testing.T) {
 		require.ErrorAs(t, err, &in, "key %q", k)
 		require.Equal(t, "unique key", in.Field)
 	}
+}
+
+// TestUniqueCountsScheduledAndRetrying: a scheduled task, and one waiting
+// for its retry, are yet to run: a dispatch with their key returns them.
+func TestUniqueCountsScheduledAndRetrying(t *testing.T) {
+	t.Parallel()
+	c := newClient(t)
+	ctx := ctxT(t, 30*time.Second)
+	w := tasking.NewWorker(c)
+	w.Handle("fail", func(context.Context, *tasking.Task) error { return errors.New("boom") },
+		tasking.HandlerRetry(tasking.RetryPolicy{Attempts: 2, Backoff: time.Hour}))
+	runWorker(t, w)
+
+	later, err := c.Dispatch(ctx, "report", nil, tasking.RunAfter(time.Hour), tasking.Unique("report"))
+	require.NoError(t, err)
+	again, err := c.Dispatch(ctx, "report", nil, tasking.Unique("report"))
+	require.NoError(t, err)
+	require.True(t, again.Existing)
+	require.Equal(t, later.ID, again.ID)
+	require.Equal(t, tasking.StateScheduled, again.State)
+
+	failing, err := c.Dispatch(ctx, "fail", nil, tasking.Unique("fail"))
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		got, err := c.Get(ctx, failing.ID)
+		return err == nil && got.State == tasking.StateRetrying
+	}, 10*time.Second, 5*time.Millisecond)
+	again, err = c.Dispatch(ctx, "fail", nil, tasking.Unique("fail"))
+	require.NoError(t, err)
+	require.True(t, again.Existing)
+	require.Equal(t, failing.ID, again.ID)
 }

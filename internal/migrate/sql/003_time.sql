@@ -2,7 +2,8 @@
 -- schema name, {{seed}} a 64-bit number derived from it.
 --
 -- Unique dispatch: a task may carry a unique key, and a dispatch with a key
--- that a waiting task already has returns that task instead of adding one.
+-- that a task yet to run already has (waiting, scheduled, or waiting for a
+-- retry) returns that task instead of adding one.
 
 ALTER TABLE {{schema}}.tasks ADD COLUMN unique_key text COLLATE "C";
 
@@ -34,7 +35,7 @@ CREATE INDEX tasks_due_idx ON {{schema}}.tasks (run_at) WHERE state IN ('schedul
 -- because a task with its key was dispatched meanwhile. Dispatches with one
 -- key are serialised by the key's advisory lock (ukey) instead.
 CREATE INDEX tasks_unique_idx ON {{schema}}.tasks (unique_key)
-    WHERE state = 'waiting' AND unique_key IS NOT NULL;
+    WHERE state IN ('waiting', 'scheduled', 'retrying') AND unique_key IS NOT NULL;
 
 -- ukey is the advisory-lock key that serialises dispatches with one unique key.
 CREATE FUNCTION {{schema}}.ukey(k text) RETURNS bigint
@@ -79,7 +80,7 @@ BEGIN
           INTO skip, sids
           FROM unnest(p_unique) WITH ORDINALITY AS u(k, o)
           CROSS JOIN LATERAL (SELECT t.id FROM {{schema}}.tasks t
-                               WHERE t.unique_key = u.k AND t.state = 'waiting'
+                               WHERE t.unique_key = u.k AND t.state IN ('waiting', 'scheduled', 'retrying')
                                ORDER BY t.id LIMIT 1) e
          WHERE u.k <> '';
     END IF;
