@@ -66,6 +66,7 @@ func main() {
 	every := flag.Duration("retention-every", 5*time.Second, "retention: how often the fleet purges (Retention.Every)")
 	window := flag.Int("retention-window", 100000, "retention: tasks per measured window")
 	backlog := flag.Int("retention-backlog", 20000, "retention: waiting tasks the dispatcher keeps")
+	vacuum := flag.Duration("retention-vacuum", 10*time.Second, "retention: when the server's autovacuum is off, vacuum the run's tables this often (0: never)")
 	flag.Parse()
 	set := map[string]bool{}
 	flag.Visit(func(f *flag.Flag) { set[f.Name] = true })
@@ -96,7 +97,7 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	if *retention {
 		rc := bench.RetentionConfig{DSN: cfg.DSN, Redis: cfg.Redis, Lockers: cfg.Lockers, Tasks: 1000000,
-			Window: *window, Slots: cfg.Slots, Keep: *keep, Every: *every, Backlog: *backlog, Resources: 1000}
+			Window: *window, Slots: cfg.Slots, Keep: *keep, Every: *every, Backlog: *backlog, Resources: 1000, Vacuum: *vacuum}
 		if set["tasks"] {
 			rc.Tasks = cfg.Tasks
 		}

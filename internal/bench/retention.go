@@ -28,6 +28,11 @@ type RetentionConfig struct {
 	Every      time.Duration // how often the fleet purges
 	Backlog    int           // waiting tasks the dispatcher keeps
 	Resources  int           // names the tasks take exclusively, at random
+	// Vacuum is how often the run vacuums its tables itself when the
+	// server's autovacuum is off (as on some test servers): deleted rows
+	// are only reclaimed by vacuum, so without it retention only turns live
+	// rows into dead ones. 0: never.
+	Vacuum time.Duration
 }
 
 // RetentionReport is one locker's run.
@@ -37,6 +42,8 @@ type RetentionReport struct {
 	SizesBefore  Sizes     // after the first window
 	SizesAfter   Sizes     // at the end
 	TasksInTable int64     // rows in the tasks table at the end
+	Autovacuum   bool      // the server's autovacuum was on
+	Vacuums      int       // vacuums the run did itself (autovacuum off)
 }
 
 // Sizes are the tasks table's sizes, in bytes.
@@ -64,6 +71,11 @@ func Retention(ctx context.Context, cfg RetentionConfig, out, progress io.Writer
 		}
 		fmt.Fprintf(out, "  sizes after the first window: %s\n", rep.SizesBefore)
 		fmt.Fprintf(out, "  sizes at the end:             %s (%d rows in tasks)\n", rep.SizesAfter, rep.TasksInTable)
+		if rep.Autovacuum {
+			fmt.Fprintf(out, "  the server's autovacuum was on\n")
+		} else {
+			fmt.Fprintf(out, "  the server's autovacuum was off: the run vacuumed its tables itself %d times (every %v)\n", rep.Vacuums, cfg.Vacuum)
+		}
 	}
 	return reps, nil
 }
@@ -133,6 +145,20 @@ func retentionRun(ctx context.Context, cfg RetentionConfig, lockerName string, p
 		derr <- nil
 	}()
 
+	var av string
+	if err := pool.QueryRow(ctx, "SHOW autovacuum").Scan(&av); err != nil {
+		return rep, err
+	}
+	rep.Autovacuum = av == "on"
+	var vacuum <-chan time.Time
+	if !rep.Autovacuum && cfg.Vacuum > 0 {
+		t := time.NewTicker(cfg.Vacuum)
+		defer t.Stop()
+		vacuum = t.C
+	}
+	vacuumed := make(chan error, 1)
+	vacuuming := false
+
 	start := time.Now()
 	next := int64(cfg.Window)
 	for done.Load() < int64(cfg.Tasks) {
@@ -146,6 +172,21 @@ func retentionRun(ctx context.Context, cfg RetentionConfig, lockerName string, p
 			return rep, fmt.Errorf("worker stopped: %v", err)
 		case <-ctx.Done():
 			return rep, ctx.Err()
+		case <-vacuum:
+			if !vacuuming { // in the background, as autovacuum would
+				vacuuming = true
+				go func() {
+					q := pgx.Identifier{schema}.Sanitize()
+					_, err := pool.Exec(ctx, "VACUUM "+q+".tasks, "+q+".lines, "+q+".handoffs")
+					vacuumed <- err
+				}()
+			}
+		case err := <-vacuumed:
+			vacuuming = false
+			if err != nil {
+				return rep, fmt.Errorf("vacuum: %w", err)
+			}
+			rep.Vacuums++
 		case <-time.After(10 * time.Millisecond):
 		}
 		if n := done.Load(); n >= next {
@@ -162,6 +203,9 @@ func retentionRun(ctx context.Context, cfg RetentionConfig, lockerName string, p
 		}
 	}
 	fmt.Fprintln(progress)
+	if vacuuming {
+		<-vacuumed
+	}
 	stop()
 	if err := <-werr; err != nil {
 		return rep, err
