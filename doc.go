@@ -138,8 +138,8 @@
 // already hold the resources when the old handler notices: the fencing token
 // ([Task.Fence]) lets side effects refuse a stale holder.
 //
-// An interrupted task is never retried: it fails, and its handler ran at
-// most once. Dispatch it again for another attempt.
+// An interrupted task fails, and its handler ran at most once, unless its
+// retry policy says otherwise (RetryPolicy.Interrupted, below).
 //
 // # Retries
 //
@@ -155,7 +155,9 @@
 // final, as they would while it runs, and tasks that conflict with nothing
 // run meanwhile. [Task.Attempt] numbers the runs, and [Task.Attempts] keeps
 // every failed one's error and times. Workers wake up when a retry is due.
-// Cancel ends a task waiting for its retry at once.
+// Cancel ends a task waiting for its retry at once. For idempotent
+// handlers, RetryPolicy.Interrupted also puts back in line, at its place,
+// a task interrupted by a graceful shutdown, lost locks or a lost worker.
 //
 // # Keep the table small
 //

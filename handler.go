@@ -81,6 +81,9 @@ func (r *run) settleHandler(hctx context.Context, t *Task, a *activeTask, err er
 	switch {
 	case a.lost:
 		o.state, o.err = StateFailed, errorText(cause)
+		if requeue(t, r.handlers[t.Name]) {
+			o.state = StateRetrying // back in line at once
+		}
 	case errors.Is(cause, ErrTimeout) || errors.Is(cause, ErrCanceled) || errors.Is(cause, ErrWorkerLost):
 		// A canceled task ends canceled in the step.
 		o.state, o.err = StateFailed, cause.Error()
@@ -94,8 +97,11 @@ func (r *run) settleHandler(hctx context.Context, t *Task, a *activeTask, err er
 			// context.Cause(ctx) already says it.
 			o.err = ErrShutdown.Error() + ": " + o.err
 		}
-		if cause == nil { // the handler's own failure, not an interruption
+		switch {
+		case cause == nil: // the handler's own failure, not an interruption
 			o.delay, o.state = r.retry(t, err)
+		case errors.Is(cause, ErrShutdown) && requeue(t, r.handlers[t.Name]):
+			o.state = StateRetrying // back in line at once
 		}
 	}
 	r.mu.Unlock()

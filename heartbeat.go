@@ -121,14 +121,15 @@ func (r *run) cleanup(ctx context.Context) {
 		r.warnUnhandled(ctx)
 		r.retain(ctx)
 	}
-	if len(got.Workers) == 0 && got.Failed+got.Canceled == 0 {
+	if len(got.Workers) == 0 && got.Failed+got.Canceled+got.Requeued == 0 {
 		return
 	}
 	r.log.Warn("tasking: cleaned up after dead workers", "workers", got.Workers,
-		"failed", got.Failed, "canceled", got.Canceled)
+		"failed", got.Failed, "canceled", got.Canceled, "put_back", got.Requeued)
 	r.freeGrants(ctx, got.Workers)
-	if got.Ready > 0 {
+	if got.Ready+got.Requeued > 0 {
 		r.wakeOthers()
+		r.signal()
 	}
 	r.c.waits.poke()
 }

@@ -65,7 +65,7 @@ func newQueries(schema string) queries {
 		claimPeriod: claimPeriodSQL(s),
 		byIDs:       `SELECT ` + taskCols + ` FROM ` + s + `.tasks WHERE id = ANY($1)`,
 		step: `SELECT kind, id, name, args, exclusive, shared, epoch, created_at, started_at, timeout_ms, attempt, retry, unique_key, run_at
-			FROM ` + s + `.step($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)`,
+			FROM ` + s + `.step($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)`,
 		// Puts back tasks this worker claimed but will not run (their locks
 		// were refused, or the step's reply was lost), guarded by owner and
 		// epoch. Their line entries never left: they keep their place. The
@@ -302,7 +302,7 @@ type stepResult struct {
 
 // step runs one worker step on conn (see step.go and the step function).
 // Only tasks that need no locks are claimed when locks is false.
-func (c *Client) step(ctx context.Context, conn *workerConn, worker int64, outs []outcome, names []string, free int, fresh time.Duration, locks bool) (stepResult, error) {
+func (c *Client) step(ctx context.Context, conn *workerConn, worker int64, outs []outcome, names []string, policies string, free int, fresh time.Duration, locks bool) (stepResult, error) {
 	n := len(outs)
 	ids, epochs := make([]int64, n), make([]int32, n)
 	states, errs, results := make([]string, n), make([]string, n), make([]*string, n)
@@ -317,7 +317,7 @@ func (c *Client) step(ctx context.Context, conn *workerConn, worker int64, outs 
 	}
 	res := stepResult{done: make(map[int64]bool, n)}
 	err := conn.use(ctx, func(conn *pgx.Conn) error {
-		rows, err := conn.Query(ctx, c.q.step, worker, ids, epochs, states, errs, results, names, free, fresh.Milliseconds(), locks, delays)
+		rows, err := conn.Query(ctx, c.q.step, worker, ids, epochs, states, errs, results, names, free, fresh.Milliseconds(), locks, delays, policies)
 		if err != nil {
 			return err
 		}

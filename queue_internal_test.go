@@ -153,7 +153,7 @@ func TestReadyMatchesModel(t *testing.T) {
 					delete(running, id)
 				}
 			}
-			res, err := c.step(ctx, conn, worker, outs, []string{"t"}, rng.IntN(4), time.Hour, true)
+			res, err := c.step(ctx, conn, worker, outs, []string{"t"}, "{}", rng.IntN(4), time.Hour, true)
 			require.NoError(t, err)
 			require.Len(t, res.done, len(outs))
 			// The step put the due retries and scheduled tasks back in line

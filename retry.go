@@ -24,6 +24,18 @@ type RetryPolicy struct {
 	Backoff time.Duration
 	// MaxBackoff caps the wait. Default: 1h.
 	MaxBackoff time.Duration
+	// Interrupted, for idempotent handlers, puts a task whose attempt was
+	// interrupted back to waiting at its place in line, to run again at
+	// once, instead of failing it: interrupted by a graceful shutdown of its
+	// worker (not a handler abandoned at shutdown), by the loss of its
+	// locks, or by the loss of its worker (the fleet's cleanup then puts it
+	// back). Such an attempt is logged in [Task.Attempts] and counts as an
+	// attempt, but it is retried even when no attempts are left. The
+	// handler may run again while an interrupted run still goes on (a
+	// paused worker that was declared lost): conflicting tasks are kept
+	// apart by the locker as always, but a task without resources is not.
+	// Default: false (an interrupted task fails).
+	Interrupted bool
 }
 
 // Retry gives the task its own retry policy, which overrides its handler's
@@ -35,9 +47,11 @@ func Retry(p RetryPolicy) DispatchOption {
 // HandlerRetry retries the handler's failed tasks under p, unless a task
 // has its own [Retry]. A failure is an error returned by the handler
 // (unless wrapped with [NoRetry]), a panic or a timeout. A task that is
-// canceled, or interrupted (its worker shut down or was lost, its locks
-// were lost), is not retried: it ends as without a policy. Default: no
-// retries.
+// canceled is not retried, nor one that was interrupted (its worker shut
+// down or was lost, its locks were lost) unless p.Interrupted is set.
+// Once a worker claims a task without a policy of its own, the handler's
+// policy is stored on it ([Task.Retry]), so that the fleet's cleanup
+// knows it when the worker is lost. Default: no retries.
 func HandlerRetry(p RetryPolicy) HandlerOption {
 	return func(h *handler) { h.retry = &p }
 }
@@ -111,20 +125,48 @@ func retryAfter(t *Task, h handler, err error) (time.Duration, bool) {
 	return p.delay(t.Attempt), true
 }
 
-// retryJSON is how a task's own policy is stored.
+// retryJSON is how a policy is stored. The fleet's cleanup reads
+// "interrupted" (internal/fleet).
 type retryJSON struct {
-	Attempts   int   `json:"attempts"`
-	BackoffMS  int64 `json:"backoff_ms,omitempty"`
-	MaxBackoff int64 `json:"max_backoff_ms,omitempty"`
+	Attempts    int   `json:"attempts"`
+	BackoffMS   int64 `json:"backoff_ms,omitempty"`
+	MaxBackoff  int64 `json:"max_backoff_ms,omitempty"`
+	Interrupted bool  `json:"interrupted,omitempty"`
+}
+
+func (p *RetryPolicy) json() retryJSON {
+	return retryJSON{p.Attempts, p.Backoff.Milliseconds(), p.MaxBackoff.Milliseconds(), p.Interrupted}
 }
 
 func encodeRetry(p *RetryPolicy) *string {
 	if p == nil {
 		return nil
 	}
-	b, _ := json.Marshal(retryJSON{p.Attempts, p.Backoff.Milliseconds(), p.MaxBackoff.Milliseconds()})
+	b, _ := json.Marshal(p.json())
 	s := string(b)
 	return &s
+}
+
+// handlerPolicies is the JSON object of the handlers' retry policies by
+// task name, which the claim stores on tasks without a policy of their own.
+func handlerPolicies(hs map[string]handler) string {
+	m := map[string]retryJSON{}
+	for name, h := range hs {
+		if h.retry != nil {
+			m[name] = h.retry.json()
+		}
+	}
+	b, _ := json.Marshal(m)
+	return string(b)
+}
+
+// requeue says whether t's interrupted attempt goes back in line.
+func requeue(t *Task, h handler) bool {
+	p := t.Retry
+	if p == nil {
+		p = h.retry
+	}
+	return p != nil && p.Interrupted
 }
 
 func decodeRetry(b []byte) *RetryPolicy {
@@ -133,5 +175,5 @@ func decodeRetry(b []byte) *RetryPolicy {
 		return nil
 	}
 	return &RetryPolicy{Attempts: r.Attempts, Backoff: time.Duration(r.BackoffMS) * time.Millisecond,
-		MaxBackoff: time.Duration(r.MaxBackoff) * time.Millisecond}
+		MaxBackoff: time.Duration(r.MaxBackoff) * time.Millisecond, Interrupted: r.Interrupted}
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/tasking-go/tasking"
+	"github.com/tasking-go/tasking/internal/testdb"
 )
 
 // TestRetryKeepsPlace: a task waiting for its retry keeps its place in
@@ -217,4 +218,81 @@ func TestRetryBadPolicy(t *testing.T) {
 		w.Handle("x", func(context.Context, *tasking.Task) error { return nil },
 			tasking.HandlerRetry(tasking.RetryPolicy{Attempts: -1}))
 	})
+}
+
+// TestRetryInterruptedShutdown: with Interrupted, a task whose worker shuts
+// down under it goes back to its place in line (a later conflicting task
+// still waits behind it) and runs again on the next worker.
+func TestRetryInterruptedShutdown(t *testing.T) {
+	t.Parallel()
+	c := newClient(t)
+	ctx := ctxT(t, 30*time.Second)
+	policy := tasking.HandlerRetry(tasking.RetryPolicy{Attempts: 1, Interrupted: true})
+	started := make(chan struct{})
+	w1 := tasking.NewWorker(c, tasking.WithShutdownGrace(0))
+	w1.Handle("job", func(ctx context.Context, _ *tasking.Task) error {
+		close(started)
+		<-ctx.Done()
+		return context.Cause(ctx)
+	}, policy)
+	runCtx, stop := context.WithCancel(ctx)
+	ran := make(chan error, 1)
+	go func() { ran <- w1.Run(runCtx) }()
+	tk, err := c.Dispatch(ctx, "job", nil, tasking.Exclusive("x"))
+	require.NoError(t, err)
+	behind, err := c.Dispatch(ctx, "job", nil, tasking.Exclusive("x"))
+	require.NoError(t, err)
+	recv(t, started, 10*time.Second)
+	stop()
+	require.NoError(t, recv(t, ran, 10*time.Second))
+	got, err := c.Get(ctx, tk.ID)
+	require.NoError(t, err)
+	require.Contains(t, []tasking.State{tasking.StateWaiting, tasking.StateRetrying}, got.State, "not failed: back in line")
+	require.Len(t, got.Attempts, 1)
+	require.Equal(t, tasking.ErrShutdown.Error(), got.Attempts[0].Error)
+
+	order := make(chan int64, 2)
+	w2 := tasking.NewWorker(c)
+	w2.Handle("job", func(_ context.Context, t *tasking.Task) error {
+		order <- t.ID
+		return nil
+	}, policy)
+	runWorker(t, w2)
+	require.Equal(t, tk.ID, recv(t, order, 10*time.Second), "the interrupted task kept its place")
+	require.Equal(t, behind.ID, recv(t, order, 10*time.Second))
+	got, err = c.Wait(ctx, tk.ID)
+	require.NoError(t, err)
+	require.Equal(t, tasking.StateCompleted, got.State)
+	require.Equal(t, 2, got.Attempt)
+}
+
+// TestRetryInterruptedWorkerLost: with Interrupted, the fleet's cleanup puts
+// a lost worker's task back in line instead of failing it; without, it
+// fails "worker lost".
+func TestRetryInterruptedWorkerLost(t *testing.T) {
+	t.Parallel()
+	c := newClient(t)
+	ctx := ctxT(t, 30*time.Second)
+	pool := testdb.Pool(t, 2)
+	ghost := ghostWorker(t, pool, c.Schema(), "postgres")
+	again, err := c.Dispatch(ctx, "job", nil, tasking.Exclusive("x"),
+		tasking.Retry(tasking.RetryPolicy{Attempts: 1, Interrupted: true}))
+	require.NoError(t, err)
+	lost, err := c.Dispatch(ctx, "job", nil, tasking.Exclusive("y"))
+	require.NoError(t, err)
+	ownTask(t, pool, c.Schema(), ghost, again.ID, tasking.StateRunning)
+	ownTask(t, pool, c.Schema(), ghost, lost.ID, tasking.StateRunning)
+
+	w := tasking.NewWorker(c, tasking.WithHeartbeatTTL(300*time.Millisecond))
+	w.Handle("job", func(context.Context, *tasking.Task) error { return nil })
+	runWorker(t, w)
+	got, err := c.Wait(ctx, again.ID)
+	require.NoError(t, err)
+	require.Equal(t, tasking.StateCompleted, got.State)
+	require.Len(t, got.Attempts, 1)
+	require.Equal(t, "worker lost", got.Attempts[0].Error)
+	got, err = c.Wait(ctx, lost.ID)
+	require.NoError(t, err)
+	require.Equal(t, tasking.StateFailed, got.State)
+	require.Equal(t, "worker lost", got.Error)
 }

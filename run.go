@@ -31,6 +31,7 @@ type run struct {
 	log      *slog.Logger
 	handlers map[string]handler
 	names    []string // handled task names
+	policies string   // the handlers' retry policies by name, JSON (see handlerPolicies)
 	lock     LockSession
 
 	// base parents every handler context; canceling it cuts off handlers at
@@ -81,7 +82,7 @@ func newRun(w *Worker, handlers map[string]handler) *run {
 	host, _ := os.Hostname()
 	c := w.c
 	r := &run{
-		w: w, c: c, handlers: handlers, names: names,
+		w: w, c: c, handlers: handlers, names: names, policies: handlerPolicies(handlers),
 		self:          fleet.Worker{Name: w.cfg.name, Host: host, PID: os.Getpid(), Locker: c.locker.Kind(), Handles: names},
 		conn:          newWorkerConn(c.pool, "tasking worker"),
 		base:          base,

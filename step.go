@@ -53,6 +53,11 @@ func (r *run) loop(ctx context.Context, conn *workerConn) {
 	var lastEnd time.Time
 	lastStarted := 0
 	for {
+		if !stopping && ctx.Err() != nil {
+			// Shutdown began while this loop was busy: claim nothing more
+			// (a task claimed now would start under a canceled context).
+			stopping, done = true, nil
+		}
 		if stopping && results == nil && len(pending) == 0 {
 			return
 		}
@@ -196,7 +201,7 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 		}
 	}
 
-	res, err := r.c.step(ctx, conn, r.id, outs, r.names, free, r.w.cfg.ttl*2/3, r.lockerUp(ctx))
+	res, err := r.c.step(ctx, conn, r.id, outs, r.names, r.policies, free, r.w.cfg.ttl*2/3, r.lockerUp(ctx))
 	if err != nil {
 		return 0, false, time.Time{}, err
 	}

@@ -43,6 +43,9 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT hashtextextended(k, {{seed}} +
 
 DROP FUNCTION {{schema}}.dispatch(text[], jsonb[], jsonb, jsonb, bigint[], text);
 DROP FUNCTION {{schema}}.step(bigint, bigint[], integer[], text[], text[], jsonb[], text[], integer, bigint, boolean);
+-- (step gains p_delays, the backoffs of failed attempts to retry, and
+-- p_policies, the worker's handlers' retry policies by name, stored on the
+-- tasks it claims that have none of their own.)
 
 -- dispatch as in version 2, plus p_run_at (NULL, or a time before which the
 -- task must not start), p_retry (each task's own retry policy, NULL
@@ -171,7 +174,7 @@ CREATE TABLE {{schema}}.maintenance (
 CREATE FUNCTION {{schema}}.step(
     p_worker bigint, p_ids bigint[], p_epochs integer[], p_states text[], p_errors text[],
     p_results jsonb[], p_names text[], p_free integer, p_fresh_ms bigint, p_locks boolean,
-    p_delays bigint[])
+    p_delays bigint[], p_policies jsonb)
 RETURNS TABLE (kind "char", id bigint, name text, args jsonb, exclusive text[], shared text[],
                epoch integer, created_at timestamptz, started_at timestamptz, timeout_ms bigint,
                attempt integer, retry jsonb, unique_key text, run_at timestamptz)
@@ -236,7 +239,7 @@ BEGIN
         RETURN QUERY
         UPDATE {{schema}}.tasks t
            SET state = 'running', worker_id = p_worker, epoch = t.epoch + 1, started_at = clock_timestamp(),
-               attempt = t.attempt + 1 -- 003
+               attempt = t.attempt + 1, retry = coalesce(t.retry, p_policies -> t.name) -- 003
          WHERE t.id = ANY (ARRAY(
                 SELECT c.id FROM {{schema}}.tasks c
                  WHERE c.state = 'waiting' AND c.blockers = 0 AND c.name = ANY (p_names)
