@@ -99,7 +99,7 @@ func retentionRun(ctx context.Context, cfg RetentionConfig, lockerName string, p
 		}
 		defer env.close()
 		defer func() { _, _ = env.removeNamespace(context.WithoutCancel(ctx), schema) }()
-		opts = append(opts, tasking.WithLocker(env.locker(schema, &cmdCounter{})))
+		opts = append(opts, tasking.WithLocker(env.locker(schema, newCmdCounter())))
 	}
 	c, err := tasking.New(pool, opts...)
 	if err != nil {
