@@ -51,31 +51,6 @@
 // batch in one round trip. [Client.Wait] blocks until a task is final;
 // [Client.List] shows, for example, what waits on a resource.
 //
-// # Scheduled tasks
-//
-// [RunAt] (or [RunAfter]) dispatches a task that must not start before a
-// time; until then it is in [StateScheduled], and workers wake up when it
-// is due. It takes its place in line when it is dispatched, like any
-// task: later conflicting tasks wait until it has run. A task scheduled for
-// next week on a busy resource therefore holds that resource's later tasks
-// for a week; schedule on resources nothing else needs meanwhile, or
-// dispatch nearer the time.
-//
-// # Periodic tasks
-//
-// [WithPeriodic] registers a schedule on a worker, [Every] for fixed
-// intervals or [Cron] for a cron expression:
-//
-//	daily, err := tasking.Cron("0 3 * * *") // 03:00 UTC
-//	w := tasking.NewWorker(client, tasking.WithPeriodic("nightly-gc", daily,
-//		tasking.Spec("gc", nil, tasking.Exclusive("storage"))))
-//
-// Register it on as many workers as you like: each period's task is
-// dispatched exactly once across the fleet (the worker whose transaction
-// moves the schedule's stored last period forward dispatches it, in that
-// transaction), with no leader. Periods missed while no such worker ran are
-// coalesced into one task, for the latest of them, when a worker starts.
-//
 // # Unique dispatch
 //
 // [Unique] gives a task a key; while a task yet to run has the key, another
@@ -89,6 +64,16 @@
 //
 // Concurrent dispatchers with one key, [Client.DispatchTx] and
 // [Client.DispatchMany] included, get one task between them.
+//
+// # Scheduled tasks
+//
+// [RunAt] (or [RunAfter]) dispatches a task that must not start before a
+// time; until then it is in [StateScheduled], and workers wake up when it
+// is due. It takes its place in line when it is dispatched, like any
+// task: later conflicting tasks wait until it has run. A task scheduled for
+// next week on a busy resource therefore holds that resource's later tasks
+// for a week; schedule on resources nothing else needs meanwhile, or
+// dispatch nearer the time.
 //
 // # Run workers
 //
@@ -158,6 +143,21 @@
 // Cancel ends a task waiting for its retry at once. For idempotent
 // handlers, RetryPolicy.Interrupted also puts back in line, at its place,
 // a task interrupted by a graceful shutdown, lost locks or a lost worker.
+//
+// # Periodic tasks
+//
+// [WithPeriodic] registers a schedule on a worker, [Every] for fixed
+// intervals or [Cron] for a cron expression:
+//
+//	daily, err := tasking.Cron("0 3 * * *") // 03:00 UTC
+//	w := tasking.NewWorker(client, tasking.WithPeriodic("nightly-gc", daily,
+//		tasking.Spec("gc", nil, tasking.Exclusive("storage"))))
+//
+// Register it on as many workers as you like: each period's task is
+// dispatched exactly once across the fleet (the worker whose transaction
+// moves the schedule's stored last period forward dispatches it, in that
+// transaction), with no leader. Periods missed while no such worker ran are
+// coalesced into one task, for the latest of them, when a worker starts.
 //
 // # Keep the table small
 //
