@@ -2,6 +2,7 @@ package tasking_test
 
 import (
 	"context"
+	"fmt"
 	"sort"
 	"strings"
 	"testing"
@@ -113,4 +114,40 @@ func TestPeriodicBadInput(t *testing.T) {
 		tasking.WithPeriodic("p", tasking.Every(time.Hour), tasking.Spec("x", nil)))
 	w.Handle("x", func(context.Context, *tasking.Task) error { return nil })
 	require.ErrorIs(t, w.Run(ctxT(t, 10*time.Second)), tasking.ErrInvalidInput)
+}
+
+// TestPeriodicProcesses: three worker processes (internal/faultworker)
+// register one schedule; each period is dispatched once among them.
+func TestPeriodicProcesses(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts worker processes; skipped with -short")
+	}
+	bin := buildFaultWorker(t)
+	t.Setenv("FAULTWORKER_PERIODIC", "1s") // the children read their flags' defaults from it
+	pool := testdb.Pool(t, 4)
+	fx := &faultRun{
+		t: t, sc: faultScenario{name: "periodic", locker: "postgres"}, seed: testSeed(t), bin: bin, dir: faultDir(t),
+		schema: testdb.Schema(t, pool), dsn: testdb.DatabaseURL(), slots: 2, pool: pool,
+	}
+	var err error
+	fx.client, err = tasking.New(pool, tasking.WithSchema(fx.schema), tasking.WithLogger(quietLogger()))
+	require.NoError(t, err)
+	require.NoError(t, fx.client.Migrate(ctxT(t, 30*time.Second)))
+	t.Cleanup(fx.killAll) // whatever happens, no process outlives the test
+	for slot := range 3 {
+		fx.startProc(slot, fmt.Sprintf("w%d", slot))
+	}
+	require.Eventually(t, func() bool {
+		done, _, err := fx.client.List(context.Background(), tasking.ListFilter{State: tasking.StateCompleted})
+		return err == nil && len(done) >= 3
+	}, 30*time.Second, 20*time.Millisecond, "three periods ran")
+	fx.stopFleet()
+	ps := periodsOf(t, fx.client, "tick")
+	require.GreaterOrEqual(t, len(ps), 3)
+	for i := 1; i < len(ps); i++ {
+		require.Equal(t, time.Second, ps[i].Sub(ps[i-1]), "periods %v: each once, none skipped", ps)
+	}
+	all, _, err := fx.client.List(context.Background(), tasking.ListFilter{Limit: 1000})
+	require.NoError(t, err)
+	require.Len(t, all, len(ps), "no task but the periods'")
 }
