@@ -51,6 +51,30 @@
 // batch in one round trip. [Client.Wait] blocks until a task is final;
 // [Client.List] shows, for example, what waits on a resource.
 //
+// # Unique dispatch
+//
+// [Unique] gives a task a key; while a task yet to run has the key, another
+// dispatch with it adds nothing and returns that task, with
+// [Task.Existing] set. A running task does not count, so a stream of
+// "sync repository 42" requests keeps at most one sync queued behind the
+// running one:
+//
+//	task, err := client.Dispatch(ctx, "sync", SyncArgs{Repo: "42"},
+//		tasking.Exclusive("repo:42"), tasking.Unique("sync:repo:42"))
+//
+// Concurrent dispatchers with one key, [Client.DispatchTx] and
+// [Client.DispatchMany] included, get one task between them.
+//
+// # Scheduled tasks
+//
+// [RunAt] (or [RunAfter]) dispatches a task that must not start before a
+// time; until then it is in [StateScheduled], and workers wake up when it
+// is due. It takes its place in line when it is dispatched, like any
+// task: later conflicting tasks wait until it has run. A task scheduled for
+// next week on a busy resource therefore holds that resource's later tasks
+// for a week; schedule on resources nothing else needs meanwhile, or
+// dispatch nearer the time.
+//
 // # Run workers
 //
 // [Worker.Run] blocks until its context is done, then shuts down gracefully
@@ -160,9 +184,54 @@
 // already hold the resources when the old handler notices: the fencing token
 // ([Task.Fence]) lets side effects refuse a stale holder.
 //
-// A handler runs at most once: tasking never retries a task, whether its
-// handler returned an error or was interrupted. Dispatch it again for
-// another attempt.
+// An interrupted task fails, and its handler ran at most once, unless its
+// retry policy says otherwise (RetryPolicy.Interrupted, below).
+//
+// # Retries
+//
+// A handler's failures (an error, a panic, a timeout) can be retried under
+// a [RetryPolicy]: attempts, and a backoff that doubles with jitter.
+// [HandlerRetry] sets it for a handler, [Retry] for one task; [NoRetry]
+// wraps an error that another attempt cannot fix.
+//
+//	w.Handle("upload", upload, tasking.HandlerRetry(tasking.RetryPolicy{Attempts: 5, Backoff: time.Second}))
+//
+// Between attempts the task is in [StateRetrying] and keeps its place in
+// line: tasks dispatched after it that conflict with it wait until it is
+// final, as they would while it runs, and tasks that conflict with nothing
+// run meanwhile. [Task.Attempt] numbers the runs, and [Task.Attempts] keeps
+// every failed one's error and times. Workers wake up when a retry is due.
+// Cancel ends a task waiting for its retry at once. For idempotent
+// handlers, RetryPolicy.Interrupted also puts back in line, at its place,
+// a task interrupted by a graceful shutdown, lost locks or a lost worker.
+//
+// # Periodic tasks
+//
+// [WithPeriodic] registers a schedule on a worker, [Every] for fixed
+// intervals or [Cron] for a cron expression:
+//
+//	daily, err := tasking.Cron("0 3 * * *") // 03:00 UTC
+//	w := tasking.NewWorker(client, tasking.WithPeriodic("nightly-gc", daily,
+//		tasking.Spec("gc", nil, tasking.Exclusive("storage"))))
+//
+// Register it on as many workers as you like: each period's task is
+// dispatched exactly once across the fleet (the worker whose transaction
+// moves the schedule's stored last period forward dispatches it, in that
+// transaction), with no leader. Periods missed while no such worker ran are
+// coalesced into one task, for the latest of them, when a worker starts.
+//
+// # Keep the table small
+//
+// Final tasks stay in the database until purged. [Client.Purge] deletes
+// final tasks that finished before a time, by state, in small batches of
+// short transactions that never hold up dispatches or workers.
+// [WithRetention] makes the fleet do it: once per period (stored in the
+// database) the worker that wins the cleanup of dead workers purges, per
+// final state, what is older than its retention:
+//
+//	w := tasking.NewWorker(client, tasking.WithRetention(tasking.Retention{
+//		Completed: 24 * time.Hour, Failed: 7 * 24 * time.Hour, Canceled: 24 * time.Hour,
+//	}))
 //
 // # Hooks
 //

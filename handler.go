@@ -18,6 +18,7 @@ type outcome struct {
 	owner    bool            // holds locker grants to release
 	ran      time.Duration   // how long the handler ran
 	progress json.RawMessage // the last progress reports, nil for none
+	delay    time.Duration   // StateRetrying: the backoff
 }
 
 // start runs t's handler in its own goroutine. Its outcome goes to the step
@@ -92,11 +93,17 @@ func (r *run) settleHandler(hctx context.Context, t *Task, a *activeTask, err er
 	case a.lost:
 		o.state, o.err = StateFailed, errorText(cause)
 		why = cmp.Or(cause, ErrLockLost)
+		if requeue(t, r.handlers[t.Name]) {
+			o.state = StateRetrying // back in line at once
+		}
 	case errors.Is(cause, ErrTimeout) || errors.Is(cause, ErrCanceled) || errors.Is(cause, ErrWorkerLost):
 		// A canceled task ends canceled in the step.
 		o.state, o.err = StateFailed, cause.Error()
 		if !errors.Is(cause, ErrCanceled) {
 			why = cause
+		}
+		if errors.Is(cause, ErrTimeout) {
+			o.delay, o.state = r.retry(t, ErrTimeout)
 		}
 	case err != nil:
 		o.state, o.err, why = StateFailed, err.Error(), err
@@ -106,11 +113,26 @@ func (r *run) settleHandler(hctx context.Context, t *Task, a *activeTask, err er
 			o.err = ErrShutdown.Error() + ": " + o.err
 			why = fmt.Errorf("%w: %w", ErrShutdown, err)
 		}
+		switch {
+		case cause == nil: // the handler's own failure, not an interruption
+			o.delay, o.state = r.retry(t, err)
+		case errors.Is(cause, ErrShutdown) && requeue(t, r.handlers[t.Name]):
+			o.state = StateRetrying // back in line at once
+		}
 	}
 	r.mu.Unlock()
 	r.failed(hctx, t, why)
 	endSpan(a.span, why)
 	r.send(o)
+}
+
+// retry is the state a failed attempt of t leaves it in: retrying (after
+// the returned backoff) or failed.
+func (r *run) retry(t *Task, err error) (time.Duration, State) {
+	if d, ok := retryAfter(t, r.handlers[t.Name], err); ok {
+		return d, StateRetrying
+	}
+	return 0, StateFailed
 }
 
 func errorText(err error) string {

@@ -13,6 +13,7 @@ import (
 // step refreshes the heartbeat too when it is a third of the TTL old, so a
 // worker that steps stays alive even when its heartbeat is late.
 func (r *run) heartbeat(ctx context.Context) {
+	defer r.retainW.Wait()
 	r.beat(ctx)
 	t := time.NewTicker(r.w.cfg.ttl / 3)
 	defer t.Stop()
@@ -124,14 +125,15 @@ func (r *run) cleanup(ctx context.Context) {
 	r.cleanLog.ok()
 	if got.Won {
 		r.warnUnhandled(ctx)
+		r.retain(ctx)
 	}
-	if len(got.Workers) == 0 && got.Failed+got.Canceled == 0 {
+	if len(got.Workers) == 0 && got.Failed+got.Canceled+got.Requeued == 0 {
 		return
 	}
 	r.log.Warn("tasking: cleaned up after dead workers", "workers", got.Workers,
-		"failed", got.Failed, "canceled", got.Canceled)
+		"failed", got.Failed, "canceled", got.Canceled, "put_back", got.Requeued)
 	r.freeGrants(ctx, got.Workers)
-	if got.Ready > 0 {
+	if got.Ready+got.Requeued > 0 {
 		r.wakeOthers(true)
 	}
 	r.c.waits.poke()

@@ -255,6 +255,17 @@ func (im *Immediate) finish(ctx context.Context, t *Task, state State, msg strin
 // waiting (deferred).
 func (c *Client) dispatchImmediate(ctx context.Context, b *preparedBatch, parent int64, lease time.Duration, deferIt bool) (*Task, bool, error) {
 	s := b.specs[0]
+	// An immediate task runs now, once, in the caller: a start time, a
+	// retry policy or a unique key (which could hand back another task)
+	// have no meaning for it.
+	switch {
+	case !s.RunAt.IsZero():
+		return nil, false, inputErr("immediate task", "RunAt/RunAfter do not apply: it runs now or not at all")
+	case s.Retry != nil:
+		return nil, false, inputErr("immediate task", "Retry does not apply: it runs once, in the caller")
+	case s.Unique != "":
+		return nil, false, inputErr("immediate task", "Unique does not apply: it runs in the caller")
+	}
 	exclJSON, _ := json.Marshal([][]string{s.Exclusive})
 	sharedJSON, _ := json.Marshal([][]string{s.Shared})
 	related := parent != 0 || s.Group > 0

@@ -2,6 +2,7 @@ package tasking_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"math/rand/v2"
@@ -57,6 +58,18 @@ type event struct {
 // exclusive one) and P5 (every task final exactly once).
 func TestOrderingProperty(t *testing.T) {
 	t.Parallel()
+	orderingProperty(t, false)
+}
+
+// TestOrderingPropertyRetries is TestOrderingProperty with retries: a task
+// whose first attempt fails waits for its retry at its place in line, so a
+// later conflicting task must not start between its attempts.
+func TestOrderingPropertyRetries(t *testing.T) {
+	t.Parallel()
+	orderingProperty(t, true)
+}
+
+func orderingProperty(t *testing.T, retries bool) {
 	for _, lc := range lockerCases {
 		t.Run(lc.name, func(t *testing.T) {
 			t.Parallel()
@@ -83,6 +96,12 @@ func TestOrderingProperty(t *testing.T) {
 				specs[i] = tasking.Spec("t", map[string]int{"i": i}, tasking.Exclusive(excl...), tasking.Shared(shared...))
 			}
 			f := fleet{workers: nWorkers, slots: slots, tasks: nTasks, timeout: 40 * time.Second}
+			if retries {
+				// One task in five fails its first attempt and is retried:
+				// it must hold its place in line until its second attempt
+				// is final.
+				f.failFirst = func(id int64) bool { return id%5 == 0 }
+			}
 			tasks, events := f.run(t, seed, lc.new(t), func(ctx context.Context, disp *tasking.Client) {
 				var wg sync.WaitGroup
 				for d := 0; d < nDispatchers; d++ {
@@ -110,6 +129,9 @@ type fleet struct {
 	workers, slots int
 	tasks          int           // how many tasks dispatch stores
 	timeout        time.Duration // for the whole run
+	// failFirst, if set, says which tasks fail their first attempt; the
+	// handler retries them once. A task's event then spans both attempts.
+	failFirst func(id int64) bool
 }
 
 // run starts the fleet on a fresh schema, calls dispatch with a client of
@@ -139,13 +161,20 @@ func (f fleet) run(t *testing.T, seed uint64, newLocker func() tasking.ResourceL
 		ev := &event{start: clock.Add(1)}
 		mu.Lock()
 		if old := events[task.ID]; old != nil {
-			old.runs++
-			mu.Unlock()
-			return fmt.Errorf("task %d ran twice", task.ID)
+			if task.Attempt == 2 && f.failFirst != nil && f.failFirst(task.ID) && old.end == 0 {
+				ev = old // the retry: the event runs from the first attempt's start
+			} else {
+				old.runs++
+				mu.Unlock()
+				return fmt.Errorf("task %d ran twice", task.ID)
+			}
 		}
 		ev.runs = 1
 		events[task.ID] = ev
 		mu.Unlock()
+		if task.Attempt == 1 && f.failFirst != nil && f.failFirst(task.ID) {
+			return errors.New("first attempt fails")
+		}
 		if d := task.ID % 7; d == 0 { // some tasks take a little while
 			time.Sleep(time.Duration(d+1) * 300 * time.Microsecond)
 		}
@@ -158,7 +187,11 @@ func (f fleet) run(t *testing.T, seed uint64, newLocker func() tasking.ResourceL
 	for i := 0; i < f.workers; i++ {
 		w := tasking.NewWorker(client(testdb.Pool(t, 8)), tasking.WithSlots(f.slots),
 			tasking.WithWorkerName(fmt.Sprintf("w%d", i)), tasking.WithPollInterval(200*time.Millisecond))
-		w.Handle("t", handler)
+		var opts []tasking.HandlerOption
+		if f.failFirst != nil {
+			opts = append(opts, tasking.HandlerRetry(tasking.RetryPolicy{Attempts: 2, Backoff: time.Millisecond}))
+		}
+		w.Handle("t", handler, opts...)
 		runWorker(t, w)
 	}
 

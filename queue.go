@@ -7,6 +7,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -27,17 +29,23 @@ type querier interface {
 // dispatch, step, cancel, settle and handoff.
 type queries struct {
 	dispatch string
-	traced   string // dispatch that stores the trace context ($7) with the tasks
+	traced   string // dispatch that stores the trace context ($10) with the tasks
 	traces   string
 	related  string // dispatch_related, for tasks with a parent or a group
-	relTrace string // related that stores the trace context ($9) with the tasks
+	relTrace string // related that stores the trace context ($12) with the tasks
 	cancel   string
 	get      string
 	list     string
 	finals   string
+	byIDs    string
 	step     string
 	unclaim  string
 	progress string
+
+	purge         string
+	claimPeriod   string
+	lastPeriod    string
+	claimPeriodic string
 
 	createGroup string
 	markGroup   string
@@ -55,21 +63,26 @@ type queries struct {
 
 const taskCols = `id, name, args, exclusive, shared, state, coalesce(worker_id, 0), epoch,
 	created_at, coalesce(started_at, 'epoch'), coalesce(finished_at, 'epoch'), coalesce(error, ''), result,
-	coalesce(timeout_ms, 0), progress, coalesce(parent_id, 0), coalesce(group_id, 0)`
+	coalesce(timeout_ms, 0), progress, coalesce(parent_id, 0), coalesce(group_id, 0),
+	coalesce(unique_key, ''), attempt, attempt_log, coalesce(run_at, 'epoch'), retry`
 
 func newQueries(schema string) queries {
 	s := pgx.Identifier{schema}.Sanitize()
+	lastPeriod, claimPeriodic := periodicSQL(s)
 	return queries{
-		dispatch: `SELECT id, created_at, ready FROM ` + s + `.dispatch($1, $2, $3, $4, $5, $6)`,
-		traced: `WITH d AS (SELECT id, created_at, ready FROM ` + s + `.dispatch($1, $2, $3, $4, $5, $6)),
-			tr AS (INSERT INTO ` + s + `.task_traces (task, parent) SELECT id, $7 FROM d)
-			SELECT id, created_at, ready FROM d`,
-		traces:  `SELECT task, parent FROM ` + s + `.task_traces WHERE task = ANY ($1)`,
-		related: `SELECT id, created_at, ready, coalesce(group_id, 0) FROM ` + s + `.dispatch_related($1, $2, $3, $4, $5, $6, $7, $8)`,
-		relTrace: `WITH d AS (SELECT id, created_at, ready, coalesce(group_id, 0) AS g
-			                FROM ` + s + `.dispatch_related($1, $2, $3, $4, $5, $6, $7, $8)),
-			tr AS (INSERT INTO ` + s + `.task_traces (task, parent) SELECT id, $9 FROM d)
-			SELECT id, created_at, ready, g FROM d`,
+		lastPeriod:    lastPeriod,
+		claimPeriodic: claimPeriodic,
+		dispatch:      `SELECT id, created_at, ready, existing FROM ` + s + `.dispatch($1, $2, $3, $4, $5, $6, $7, $8, $9)`,
+		traced: `WITH d AS (SELECT id, created_at, ready, existing FROM ` + s + `.dispatch($1, $2, $3, $4, $5, $6, $7, $8, $9)),
+			tr AS (INSERT INTO ` + s + `.task_traces (task, parent) SELECT id, $10 FROM d WHERE existing IS NULL)
+			SELECT id, created_at, ready, existing FROM d`,
+		traces: `SELECT task, parent FROM ` + s + `.task_traces WHERE task = ANY ($1)`,
+		related: `SELECT id, created_at, ready, existing, coalesce(group_id, 0)
+			FROM ` + s + `.dispatch_related($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)`,
+		relTrace: `WITH d AS (SELECT id, created_at, ready, existing, coalesce(group_id, 0) AS g
+			                FROM ` + s + `.dispatch_related($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)),
+			tr AS (INSERT INTO ` + s + `.task_traces (task, parent) SELECT id, $12 FROM d WHERE existing IS NULL)
+			SELECT id, created_at, ready, existing, g FROM d`,
 		cancel: `SELECT state, ready FROM ` + s + `.cancel($1, $2)`,
 		get:    `SELECT ` + taskCols + ` FROM ` + s + `.tasks WHERE id = $1`,
 		list: `SELECT ` + taskCols + ` FROM ` + s + `.tasks
@@ -79,8 +92,11 @@ func newQueries(schema string) queries {
 			ORDER BY id LIMIT $5`,
 		finals: `SELECT ` + taskCols + ` FROM ` + s + `.tasks
 			WHERE id = ANY($1) AND state IN ('completed', 'failed', 'canceled')`,
-		step: `SELECT kind, id, name, args, exclusive, shared, epoch, created_at, started_at, timeout_ms
-			FROM ` + s + `.step($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)`,
+		purge:       purgeSQL(s),
+		claimPeriod: claimPeriodSQL(s),
+		byIDs:       `SELECT ` + taskCols + ` FROM ` + s + `.tasks WHERE id = ANY($1)`,
+		step: `SELECT kind, id, name, args, exclusive, shared, epoch, created_at, started_at, timeout_ms, attempt, retry, unique_key, run_at
+			FROM ` + s + `.step($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)`,
 		// Progress reports of running tasks (progress.go), guarded by
 		// worker, epoch and state like every write of a worker.
 		progress: `UPDATE ` + s + `.tasks t SET progress = v.p::jsonb
@@ -110,11 +126,12 @@ func newQueries(schema string) queries {
 		groupsDone: `SELECT g.id FROM ` + s + `.groups g
 			WHERE g.id = ANY($1) AND g.all_dispatched
 			  AND NOT EXISTS (SELECT 1 FROM ` + s + `.tasks t
-			                   WHERE t.group_id = g.id AND t.state IN ('waiting', 'running', 'canceling'))`,
+			                   WHERE t.group_id = g.id AND t.state IN ('waiting', 'scheduled', 'retrying', 'running', 'canceling'))`,
 		// Puts back tasks this worker claimed but will not run (their locks
 		// were refused, or the step's reply was lost), guarded by owner and
-		// epoch. Their line entries never left: they keep their place.
-		unclaim: `UPDATE ` + s + `.tasks t SET state = 'waiting', worker_id = NULL, started_at = NULL
+		// epoch. Their line entries never left: they keep their place. The
+		// claim did not run the handler, so it is not an attempt.
+		unclaim: `UPDATE ` + s + `.tasks t SET state = 'waiting', worker_id = NULL, started_at = NULL, attempt = t.attempt - 1
 			FROM unnest($2::bigint[], $3::int[]) AS v(id, epoch)
 			WHERE t.id = v.id AND t.epoch = v.epoch AND t.worker_id = $1 AND t.state = 'running'`,
 	}
@@ -140,19 +157,40 @@ func hashKey(space, ns, name string) int64 {
 // insert runs the dispatch function (dispatch_related for tasks with a
 // parent or a group). ready: some task was ready at once. trace, when not
 // empty, is the trace context stored with the tasks; parent is the id of
-// the task whose handler dispatches them, 0 if none.
+// the task whose handler dispatches them, 0 if none. A task whose unique
+// key an earlier task of the batch has is not sent: it gets that task (see
+// Unique).
 func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch, autocommit bool, trace string, parent int64) (tasks []*Task, ready bool, err error) {
-	names := make([]string, len(b.specs))
-	excl := make([][]string, len(b.specs))
-	shared := make([][]string, len(b.specs))
-	args := make([]string, len(b.specs))
-	timeouts := make([]int64, len(b.specs))
-	groups := make([]int64, len(b.specs))
-	related := parent != 0
+	var send []int        // indexes into b.specs of the tasks sent
+	same := map[int]int{} // index of a task folded into an earlier one of the batch -> that one
+	first := map[string]int{}
 	for i, s := range b.specs {
-		names[i], excl[i], shared[i], args[i] = s.Name, s.Exclusive, s.Shared, string(b.args[i])
-		timeouts[i] = s.Timeout.Milliseconds()
-		groups[i] = s.Group
+		if s.Unique != "" {
+			if j, ok := first[s.Unique]; ok {
+				same[i] = j
+				continue
+			}
+			first[s.Unique] = i
+		}
+		send = append(send, i)
+	}
+	n := len(send)
+	names, args, uniq := make([]string, n), make([]string, n), make([]string, n)
+	retries := make([]*string, n)
+	runAt := make([]*time.Time, n)
+	excl, shared := make([][]string, n), make([][]string, n)
+	timeouts := make([]int64, n)
+	groups := make([]int64, n)
+	related := parent != 0
+	for k, i := range send {
+		s := b.specs[i]
+		names[k], excl[k], shared[k], args[k], uniq[k] = s.Name, s.Exclusive, s.Shared, string(b.args[i]), s.Unique
+		timeouts[k] = s.Timeout.Milliseconds()
+		retries[k] = encodeRetry(s.Retry)
+		if !s.RunAt.IsZero() {
+			runAt[k] = &s.RunAt
+		}
+		groups[k] = s.Group
 		related = related || s.Group > 0
 	}
 	exclJSON, _ := json.Marshal(excl)
@@ -164,13 +202,17 @@ func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch, autoc
 	var rows pgx.Rows
 	switch {
 	case related && trace != "":
-		rows, err = db.Query(ctx, c.q.relTrace, names, args, string(exclJSON), string(sharedJSON), timeouts, channel, parent, groups, trace)
+		rows, err = db.Query(ctx, c.q.relTrace, names, args, string(exclJSON), string(sharedJSON), timeouts, channel,
+			parent, groups, uniq, retries, runAt, trace)
 	case related:
-		rows, err = db.Query(ctx, c.q.related, names, args, string(exclJSON), string(sharedJSON), timeouts, channel, parent, groups)
+		rows, err = db.Query(ctx, c.q.related, names, args, string(exclJSON), string(sharedJSON), timeouts, channel,
+			parent, groups, uniq, retries, runAt)
 	case trace != "":
-		rows, err = db.Query(ctx, c.q.traced, names, args, string(exclJSON), string(sharedJSON), timeouts, channel, trace)
+		rows, err = db.Query(ctx, c.q.traced, names, args, string(exclJSON), string(sharedJSON), timeouts, channel,
+			uniq, retries, runAt, trace)
 	default:
-		rows, err = db.Query(ctx, c.q.dispatch, names, args, string(exclJSON), string(sharedJSON), timeouts, channel)
+		rows, err = db.Query(ctx, c.q.dispatch, names, args, string(exclJSON), string(sharedJSON), timeouts, channel,
+			uniq, retries, runAt)
 	}
 	if err != nil {
 		return nil, false, dispatchErr(err)
@@ -181,10 +223,12 @@ func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch, autoc
 		group   int64
 	}
 	var got []inserted
+	existing := map[int]int64{} // position in send -> the waiting task with its key
 	for rows.Next() {
 		var r inserted
 		var rd bool
-		dest := []any{&r.id, &r.created, &rd}
+		var pos *int32
+		dest := []any{&r.id, &r.created, &rd, &pos}
 		if related {
 			dest = append(dest, &r.group)
 		}
@@ -192,26 +236,75 @@ func (c *Client) insert(ctx context.Context, db querier, b *preparedBatch, autoc
 			rows.Close()
 			return nil, false, fmt.Errorf("tasking: dispatch: %w", err)
 		}
+		if pos != nil {
+			existing[int(*pos)-1] = r.id
+			continue
+		}
 		ready = ready || rd
 		got = append(got, r)
 	}
 	if err := rows.Err(); err != nil {
 		return nil, false, dispatchErr(err)
 	}
-	if len(got) != len(b.specs) {
-		return nil, false, fmt.Errorf("tasking: dispatch: inserted %d tasks, expected %d", len(got), len(b.specs))
+	if len(got)+len(existing) != n {
+		return nil, false, fmt.Errorf("tasking: dispatch: inserted %d tasks and found %d, expected %d", len(got), len(existing), n)
+	}
+	var found map[int64]*Task
+	if len(existing) > 0 {
+		if found, err = c.byIDs(ctx, db, slices.Collect(maps.Values(existing))); err != nil {
+			return nil, false, fmt.Errorf("tasking: dispatch: read the waiting tasks with the same unique keys: %w", err)
+		}
 	}
 	// IDs were drawn in batch order.
 	sort.Slice(got, func(i, j int) bool { return got[i].id < got[j].id })
-	tasks = make([]*Task, len(got))
-	for i, r := range got {
+	tasks = make([]*Task, len(b.specs))
+	for k, i := range send {
+		if id, ok := existing[k]; ok {
+			t, ok := found[id]
+			if !ok {
+				// Only a purge removes a waiting task's row.
+				return nil, false, fmt.Errorf("tasking: dispatch: the waiting task %d with unique key %q is gone", id, b.specs[i].Unique)
+			}
+			t.Existing = true
+			tasks[i] = t
+			continue
+		}
+		r := got[0]
+		got = got[1:]
 		s := b.specs[i]
 		tasks[i] = &Task{
 			ID: r.id, Name: s.Name, Args: b.args[i], Exclusive: s.Exclusive, Shared: s.Shared,
 			State: StateWaiting, CreatedAt: r.created, Timeout: s.Timeout, Parent: parent, Group: r.group,
+			UniqueKey: s.Unique, Retry: s.Retry,
+		}
+		if s.RunAt.After(r.created) {
+			tasks[i].State, tasks[i].RunAt = StateScheduled, s.RunAt
 		}
 	}
+	for i, j := range same {
+		t := *tasks[j]
+		t.Existing = true
+		tasks[i] = &t
+	}
 	return tasks, ready, nil
+}
+
+// byIDs reads the tasks with those ids on db.
+func (c *Client) byIDs(ctx context.Context, db querier, ids []int64) (map[int64]*Task, error) {
+	rows, err := db.Query(ctx, c.q.byIDs, ids)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	out := make(map[int64]*Task, len(ids))
+	for rows.Next() {
+		t, err := scanTask(rows)
+		if err != nil {
+			return nil, err
+		}
+		out[t.ID] = t
+	}
+	return out, rows.Err()
 }
 
 // dispatchErr reports a data exception (SQLSTATE class 22) from the insert
@@ -233,9 +326,10 @@ func scanTask(row pgx.Row) (*Task, error) {
 	var state string
 	var args, result []byte
 	var timeoutMS int64
-	var progress []byte
+	var progress, log, retry []byte
 	err := row.Scan(&t.ID, &t.Name, &args, &t.Exclusive, &t.Shared, &state, &t.WorkerID, &t.Epoch,
-		&t.CreatedAt, &t.StartedAt, &t.FinishedAt, &t.Error, &result, &timeoutMS, &progress, &t.Parent, &t.Group)
+		&t.CreatedAt, &t.StartedAt, &t.FinishedAt, &t.Error, &result, &timeoutMS, &progress, &t.Parent, &t.Group,
+		&t.UniqueKey, &t.Attempt, &log, &t.RunAt, &retry)
 	if err != nil {
 		return nil, err
 	}
@@ -243,6 +337,13 @@ func scanTask(row pgx.Row) (*Task, error) {
 		if err := json.Unmarshal(progress, &t.Progress); err != nil {
 			return nil, fmt.Errorf("progress of task %d: %w", t.ID, err)
 		}
+	}
+	if err := json.Unmarshal(log, &t.Attempts); err != nil {
+		return nil, fmt.Errorf("attempt log of task %d: %w", t.ID, err)
+	}
+	t.Retry = decodeRetry(retry)
+	if t.RunAt.Unix() == 0 {
+		t.RunAt = time.Time{}
 	}
 	t.State = State(state)
 	t.Timeout = time.Duration(timeoutMS) * time.Millisecond
@@ -288,20 +389,23 @@ func (c *Client) finals(ctx context.Context, ids []int64) ([]*Task, error) {
 
 // stepResult is what one step did.
 type stepResult struct {
-	done     map[int64]bool // outcomes written (the others were no longer this worker's)
-	claimed  []*Task
-	left     int  // tasks that became ready and were not claimed by this step
-	handoffs bool // handoffs were left for a later step
+	done      map[int64]bool // outcomes written (the others were no longer this worker's)
+	claimed   []*Task
+	left      int       // tasks that became ready and were not claimed by this step
+	handoffs  bool      // handoffs were left for a later step
+	nextRetry time.Time // when the earliest retry or scheduled task is due, zero for none
 }
 
 // step runs one worker step on conn (see step.go and the step function).
 // Only tasks that need no locks are claimed when locks is false.
-func (c *Client) step(ctx context.Context, conn *workerConn, worker int64, outs []outcome, names []string, free int, fresh time.Duration, locks bool) (stepResult, error) {
+func (c *Client) step(ctx context.Context, conn *workerConn, worker int64, outs []outcome, names []string, policies string, free int, fresh time.Duration, locks bool) (stepResult, error) {
 	n := len(outs)
 	ids, epochs := make([]int64, n), make([]int32, n)
 	states, errs, results, progress := make([]string, n), make([]string, n), make([]*string, n), make([]*string, n)
+	delays := make([]int64, n)
 	for i, o := range outs {
 		ids[i], epochs[i], states[i], errs[i] = o.task.ID, int32(o.task.Epoch), string(o.state), o.err
+		delays[i] = o.delay.Milliseconds()
 		if r := o.task.takeResult(); r != nil {
 			s := string(r)
 			results[i] = &s
@@ -313,7 +417,8 @@ func (c *Client) step(ctx context.Context, conn *workerConn, worker int64, outs 
 	}
 	res := stepResult{done: make(map[int64]bool, n)}
 	err := conn.use(ctx, func(conn *pgx.Conn) error {
-		rows, err := conn.Query(ctx, c.q.step, worker, ids, epochs, states, errs, results, names, free, fresh.Milliseconds(), locks, progress)
+		rows, err := conn.Query(ctx, c.q.step, worker, ids, epochs, states, errs, results, names, free, fresh.Milliseconds(), locks,
+			progress, delays, policies)
 		if err != nil {
 			return err
 		}
@@ -327,7 +432,12 @@ func (c *Client) step(ctx context.Context, conn *workerConn, worker int64, outs 
 			var epoch *int32
 			var created, started *time.Time
 			var timeout *int64
-			if err := rows.Scan(&kind, &id, &name, &args, &excl, &shared, &epoch, &created, &started, &timeout); err != nil {
+			var attempt *int32
+			var retry []byte
+			var unique *string
+			var runAt *time.Time
+			if err := rows.Scan(&kind, &id, &name, &args, &excl, &shared, &epoch, &created, &started, &timeout,
+				&attempt, &retry, &unique, &runAt); err != nil {
 				return err
 			}
 			switch kind {
@@ -338,10 +448,21 @@ func (c *Client) step(ctx context.Context, conn *workerConn, worker int64, outs 
 					ID: id, Name: *name, Args: args, Exclusive: excl, Shared: shared,
 					State: StateRunning, WorkerID: worker, Epoch: int(*epoch), CreatedAt: *created,
 					StartedAt: *started, Timeout: time.Duration(*timeout) * time.Millisecond,
+					Attempt: int(*attempt), Retry: decodeRetry(retry),
 				})
+				t := res.claimed[len(res.claimed)-1]
+				if unique != nil {
+					t.UniqueKey = *unique
+				}
+				if runAt != nil {
+					t.RunAt = *runAt
+				}
 			case 's':
 				res.left = int(id)
 				res.handoffs = epoch != nil && *epoch > 0
+				if created != nil {
+					res.nextRetry = *created
+				}
 			}
 		}
 		return rows.Err()
@@ -374,7 +495,7 @@ func (c *Client) List(ctx context.Context, f ListFilter) ([]*Task, int64, error)
 		return nil, 0, inputErr("limit", "%d, need 1 to 10000", f.Limit)
 	}
 	switch f.State {
-	case "", StateWaiting, StateRunning, StateCanceling, StateCompleted, StateFailed, StateCanceled:
+	case "", StateWaiting, StateScheduled, StateRetrying, StateRunning, StateCanceling, StateCompleted, StateFailed, StateCanceled:
 	default:
 		return nil, 0, inputErr("state", "unknown state %q", f.State)
 	}

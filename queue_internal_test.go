@@ -19,6 +19,7 @@ type modelTask struct {
 	id        int64
 	excl, shr []string
 	state     State
+	due       bool // StateRetrying: its retry time has passed
 }
 
 func (a modelTask) conflicts(b modelTask) bool {
@@ -163,7 +164,7 @@ func TestReadyMatchesModel(t *testing.T) {
 					delete(running, id)
 				}
 			}
-			res, err := c.step(ctx, conn, worker, outs, []string{"t"}, rng.IntN(4), time.Hour, true)
+			res, err := c.step(ctx, conn, worker, outs, []string{"t"}, "{}", rng.IntN(4), time.Hour, true)
 			require.NoError(t, err)
 			require.Len(t, res.done, len(outs))
 			for _, tk := range res.claimed {
@@ -251,6 +252,150 @@ func TestReadyMatchesModel(t *testing.T) {
 				}
 			}
 			check(step, "cancel group")
+		}
+	}
+}
+
+// TestReadyMatchesModelTime drives the schema's functions (dispatch, step,
+// cancel) through a seeded random history of dispatches, claims, finishes,
+// failed attempts to retry (at once or later: a task waiting for its retry
+// is not final, so it keeps blocking what conflicts with it), scheduled
+// tasks (they stand in line at their dispatch position, and become
+// claimable only once due) and cancels, on few names so that lines are long and tasks name several,
+// and checks after every action that the ready tasks are exactly those the
+// definition says. Replay a failure with TASKING_SEED.
+func TestReadyMatchesModelTime(t *testing.T) {
+	t.Parallel()
+	pool := testdb.Pool(t, 4)
+	c, err := New(pool, WithSchema(testdb.Schema(t, pool)))
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	require.NoError(t, c.Migrate(ctx))
+	conn := newWorkerConn(pool, "model test")
+	defer conn.close(ctx)
+	var worker int64 // steps claim only for a worker with a fresh heartbeat
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO `+pgIdent(c.schema)+`.workers (name, host, pid, locker)
+		VALUES ('model', 'h', 1, 'memory') RETURNING id`).Scan(&worker))
+
+	seed := testdb.Seed(t)
+	rng := rand.New(rand.NewPCG(seed, 7))
+	name := func() string { return fmt.Sprintf("r %d", rng.IntN(5)) } // a space on purpose
+	var model []modelTask
+	byID := map[int64]int{}
+	running := map[int64]*Task{}
+
+	readyInDB := func() []int64 {
+		rows, err := pool.Query(ctx, `SELECT id FROM `+pgIdent(c.schema)+`.tasks
+			WHERE state = 'waiting' AND blockers = 0 ORDER BY id`)
+		require.NoError(t, err)
+		defer rows.Close()
+		var ids []int64
+		for rows.Next() {
+			var id int64
+			require.NoError(t, rows.Scan(&id))
+			ids = append(ids, id)
+		}
+		require.NoError(t, rows.Err())
+		return ids
+	}
+	check := func(step int, what string) {
+		t.Helper()
+		want, got := modelReady(model), readyInDB()
+		require.Equal(t, want, got, "seed %d, action %d (%s): ready tasks", seed, step, what)
+		var left int
+		require.NoError(t, pool.QueryRow(ctx, `SELECT count(*) FROM `+pgIdent(c.schema)+`.handoffs`).Scan(&left))
+		require.Zero(t, left, "handoffs left for later with no concurrent transaction")
+	}
+
+	for step := 0; step < 400; step++ {
+		switch k := rng.IntN(10); {
+		case k < 4: // dispatch a small batch
+			var specs []TaskSpec
+			for j := 0; j < 1+rng.IntN(3); j++ {
+				var opts []DispatchOption
+				for n := rng.IntN(3); n > 0; n-- {
+					opts = append(opts, Exclusive(name()))
+				}
+				for n := rng.IntN(3); n > 0; n-- {
+					opts = append(opts, Shared(name()))
+				}
+				if rng.IntN(5) == 0 { // scheduled: due when an action says so
+					opts = append(opts, RunAfter(time.Hour))
+				}
+				specs = append(specs, Spec("t", nil, opts...))
+			}
+			ts, err := c.DispatchMany(ctx, specs...)
+			require.NoError(t, err)
+			for _, tk := range ts {
+				byID[tk.ID] = len(model)
+				model = append(model, modelTask{id: tk.ID, excl: tk.Exclusive, shr: tk.Shared, state: tk.State})
+			}
+			check(step, "dispatch")
+		case k < 7: // finish some running tasks (some to retry, now or later) and claim up to a few
+			var outs []outcome
+			for id, tk := range running {
+				if rng.IntN(2) == 0 {
+					o := outcome{task: tk, state: []State{StateCompleted, StateFailed, StateRetrying, StateRetrying}[rng.IntN(4)]}
+					m := &model[byID[id]]
+					m.state = o.state
+					if o.state == StateRetrying {
+						o.err = "again"
+						if rng.IntN(2) == 0 {
+							o.delay = time.Hour
+						} else {
+							m.due = true
+						}
+					}
+					outs = append(outs, o)
+					delete(running, id)
+				}
+			}
+			res, err := c.step(ctx, conn, worker, outs, []string{"t"}, "{}", rng.IntN(4), time.Hour, true)
+			require.NoError(t, err)
+			require.Len(t, res.done, len(outs))
+			// The step put the due retries and scheduled tasks back in line
+			// before it claimed.
+			for i := range model {
+				if (model[i].state == StateRetrying || model[i].state == StateScheduled) && model[i].due {
+					model[i].state, model[i].due = StateWaiting, false
+				}
+			}
+			for _, tk := range res.claimed {
+				require.Contains(t, modelReady(model), tk.ID, "seed %d: claimed a task that is not ready", seed)
+				model[byID[tk.ID]].state = StateRunning
+				running[tk.ID] = tk
+			}
+			check(step, "step")
+		case k == 7: // a retry or a scheduled task becomes due (the next step puts it back in line)
+			var later []int64
+			for _, m := range model {
+				if (m.state == StateRetrying || m.state == StateScheduled) && !m.due {
+					later = append(later, m.id)
+				}
+			}
+			if len(later) == 0 {
+				continue
+			}
+			id := later[rng.IntN(len(later))]
+			_, err := pool.Exec(ctx, `UPDATE `+pgIdent(c.schema)+`.tasks SET run_at = now() - interval '1 second' WHERE id = $1`, id)
+			require.NoError(t, err)
+			model[byID[id]].due = true
+			check(step, "retry due")
+		default: // cancel a waiting task, or one waiting for a retry
+			var waiting []int64
+			for _, m := range model {
+				if m.state == StateWaiting || m.state == StateRetrying || m.state == StateScheduled {
+					waiting = append(waiting, m.id)
+				}
+			}
+			if len(waiting) == 0 {
+				continue
+			}
+			id := waiting[rng.IntN(len(waiting))]
+			require.NoError(t, c.Cancel(ctx, id))
+			model[byID[id]].state = StateCanceled
+			check(step, "cancel")
 		}
 	}
 }

@@ -33,6 +33,7 @@ type run struct {
 	log      *slog.Logger
 	handlers map[string]handler
 	names    []string // handled task names
+	policies string   // the handlers' retry policies by name, JSON (see handlerPolicies)
 	lock     LockSession
 	progress *progressFlusher // progress reports to write (progress.go)
 
@@ -69,6 +70,8 @@ type run struct {
 	cleanLog      failureLog
 	unhandledSaid map[string]time.Time // names reported by warnUnhandled, and when
 	handlerW      sync.WaitGroup
+	retaining     atomic.Bool    // a retention purge runs (retention.go)
+	retainW       sync.WaitGroup // the retention purge's goroutine
 }
 
 type activeTask struct {
@@ -101,7 +104,7 @@ func newRun(w *Worker, handlers map[string]handler) *run {
 	host, _ := os.Hostname()
 	c := w.c
 	r := &run{
-		w: w, c: c, handlers: handlers, names: names,
+		w: w, c: c, handlers: handlers, names: names, policies: handlerPolicies(handlers),
 		self:          fleet.Worker{Name: w.cfg.name, Host: host, PID: os.Getpid(), Locker: c.locker.Kind(), Handles: names, Slots: w.cfg.slots},
 		conn:          newWorkerConn(c.pool, "tasking worker"),
 		base:          base,
@@ -189,6 +192,10 @@ func (r *run) serve(ctx context.Context, grace func() context.Context) error {
 		})
 	}()
 	go func() { defer bgW.Done(); r.heartbeat(bg) }()
+	for _, p := range r.w.cfg.periodic {
+		bgW.Add(1)
+		go func() { defer bgW.Done(); r.periodicLoop(bg, p) }()
+	}
 
 	var loops sync.WaitGroup
 	for _, l := range r.lanes {

@@ -38,7 +38,18 @@ func prepareBatch(specs []TaskSpec) (*preparedBatch, error) {
 		if s.Group < NoGroup {
 			return nil, inputErr("group", "%d, need a group id, 0 (the parent's) or NoGroup", s.Group)
 		}
-		b.specs[i] = TaskSpec{Name: s.Name, Exclusive: excl, Shared: shared, Timeout: s.Timeout, Group: s.Group}
+		if s.Unique != "" || s.uniqueSet {
+			if err := checkName("unique key", s.Unique, MaxResourceNameLen); err != nil {
+				return nil, err
+			}
+		}
+		if s.Retry != nil {
+			if err := s.Retry.check(); err != nil {
+				return nil, err
+			}
+		}
+		b.specs[i] = TaskSpec{Name: s.Name, Exclusive: excl, Shared: shared, Timeout: s.Timeout, Group: s.Group,
+			Unique: s.Unique, Retry: s.Retry, RunAt: s.RunAt}
 		b.args[i] = a
 	}
 	return b, nil

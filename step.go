@@ -40,6 +40,8 @@ func (r *run) loop(ctx context.Context, conn *workerConn) {
 	poll := time.NewTimer(r.pollEvery())
 	defer poll.Stop()
 	var retry <-chan time.Time
+	var due <-chan time.Time // the earliest retry or scheduled task is due
+	var dueAt time.Time
 	var pending []outcome
 	results := r.results
 	done := ctx.Done()
@@ -51,6 +53,11 @@ func (r *run) loop(ctx context.Context, conn *workerConn) {
 	var lastEnd time.Time
 	lastStarted := 0
 	for {
+		if !stopping && ctx.Err() != nil {
+			// Shutdown began while this loop was busy: claim nothing more
+			// (a task claimed now would start under a canceled context).
+			stopping, done = true, nil
+		}
 		if stopping && results == nil && len(pending) == 0 {
 			return
 		}
@@ -85,6 +92,8 @@ func (r *run) loop(ctx context.Context, conn *workerConn) {
 				r.c.met.wakeup(true)
 			case <-retry:
 				retry, woken = nil, true
+			case <-due:
+				due, dueAt, woken = nil, time.Time{}, true
 			}
 			continue
 		}
@@ -112,7 +121,7 @@ func (r *run) loop(ctx context.Context, conn *workerConn) {
 		// lane that has no free slot: this lane looks again if any came.
 		seq := r.wakes.Load()
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), stepTimeout)
-		started, again, err := r.step(sctx, conn, pending, free)
+		started, again, next, err := r.step(sctx, conn, pending, free)
 		cancel()
 		r.unreserve(free)
 		lastEnd, lastStarted = time.Now(), started
@@ -140,6 +149,11 @@ func (r *run) loop(ctx context.Context, conn *workerConn) {
 		woken = r.wakes.Load() != seq
 		if again && retry == nil {
 			retry = time.After(retrySoon)
+		}
+		if !next.IsZero() && (dueAt.IsZero() || next.Before(dueAt)) {
+			// Wake up when it is due (the step makes it ready), not at the
+			// next poll.
+			dueAt, due = next, time.After(time.Until(next)+time.Millisecond)
 		}
 	}
 }
@@ -173,8 +187,9 @@ func (r *run) unreserve(n int) {
 
 // step writes the outcomes, claims up to free ready tasks, acquires their
 // locks and starts them. again: something is worth another look soon
-// (refused locks, handoffs left for later).
-func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free int) (started int, again bool, err error) {
+// (refused locks, handoffs left for later). next: when the earliest retry
+// or scheduled task is due, zero for none.
+func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free int) (started int, again bool, next time.Time, err error) {
 	// Release first: the step makes the next in line ready, and it should
 	// find its resources free. The handlers have returned, so nothing is
 	// done under these grants any more.
@@ -193,13 +208,14 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 	}
 
 	sent := time.Now()
-	res, err := r.c.step(ctx, conn, r.id, outs, r.names, free, r.w.cfg.ttl*2/3, r.lockerUp(ctx))
+	res, err := r.c.step(ctx, conn, r.id, outs, r.names, r.policies, free, r.w.cfg.ttl*2/3, r.lockerUp(ctx))
 	if err != nil {
-		return 0, false, err
+		return 0, false, time.Time{}, err
 	}
 	if r.w.cfg.afterClaim != nil && len(res.claimed) > 0 {
 		r.w.cfg.afterClaim()
 	}
+	next = res.nextRetry
 	r.mu.Lock()
 	for _, o := range outs {
 		delete(r.unsent, o.task.ID)
@@ -272,7 +288,7 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 		if err := r.unclaim(ctx, conn, res.claimed); err != nil {
 			r.log.Warn("tasking: put back tasks not started", "err", err)
 		}
-		return 0, true, lockErr
+		return 0, true, next, lockErr
 	}
 	if len(refused) > 0 {
 		// Refused: a grant of a worker that was declared lost, not freed yet
@@ -297,7 +313,7 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 			started++
 		}
 	}
-	return started, again, lockErr
+	return started, again, next, lockErr
 }
 
 // lockerFailed notes that the locker is out of reach: until a probe gets

@@ -101,6 +101,8 @@ type State string
 // The states of a task. Completed, failed and canceled are final.
 const (
 	StateWaiting   State = "waiting"
+	StateScheduled State = "scheduled" // dispatched with a start time still to come (see RunAt)
+	StateRetrying  State = "retrying"  // an attempt failed; it runs again after its backoff (see RetryPolicy)
 	StateRunning   State = "running"
 	StateCanceling State = "canceling"
 	StateCompleted State = "completed"
@@ -194,6 +196,25 @@ type Task struct {
 	// parent is the trace context of the dispatch, read at claim by a
 	// worker that traces.
 	parent trace.SpanContext
+
+	// Attempt is the number of the task's current or last run, 1 for the
+	// first (0 before it ever ran).
+	Attempt int
+	// Attempts holds every failed attempt, oldest first. The last one's
+	// error is also in Error.
+	Attempts []Attempt
+	// RunAt is the time before which the task was not to start: the one
+	// it was dispatched with ([RunAt]), or, once an attempt failed, the end
+	// of the last backoff. Zero for neither.
+	RunAt time.Time
+	// Retry is the task's own retry policy ([Retry]), nil for none.
+	Retry *RetryPolicy
+
+	// UniqueKey is the task's unique key ([Unique]), "" for none.
+	UniqueKey string
+	// Existing is set on a task that Dispatch returned instead of adding
+	// one: a task yet to run already had the unique key asked for.
+	Existing bool
 
 	// live is set on the task a handler runs: the result it sets. A Task
 	// read with Get or List has none (and copies of a Task share it).
@@ -408,6 +429,43 @@ func Timeout(d time.Duration) DispatchOption {
 	return func(s *TaskSpec) { s.Timeout = d }
 }
 
+// RunAt schedules the task: it does not start before t (PostgreSQL's clock
+// decides). Until then it is in [StateScheduled]. It takes its place in
+// line when it is dispatched, like any task: tasks dispatched after it that
+// conflict with it wait until it has run, and tasks dispatched before it
+// that conflict with it run first. So schedule on resources that nothing
+// else needs meanwhile, or dispatch closer to the time. Workers wake up
+// when it is due. A time in the past is now. Default: now.
+func RunAt(t time.Time) DispatchOption {
+	return func(s *TaskSpec) { s.RunAt = t }
+}
+
+// RunAfter is RunAt(time.Now().Add(d)).
+func RunAfter(d time.Duration) DispatchOption {
+	return func(s *TaskSpec) { s.RunAt = time.Now().Add(d) }
+}
+
+// Unique gives the task a unique key: while a task yet to run has the key
+// (waiting, scheduled, or waiting for a retry), dispatching another task
+// with it adds nothing and returns that task, with [Task.Existing] set. A
+// task that is running (or final) does not count, so "one waiting sync per
+// repository, queued behind the running one" is
+//
+//	client.Dispatch(ctx, "sync", args, tasking.Exclusive("repo:42"), tasking.Unique("sync:repo:42"))
+//
+// The check is atomic: dispatches with one key are serialised (a dispatch
+// in an open [Client.DispatchTx] transaction holds the key until it ends),
+// so concurrent dispatchers get one task. In a batch, a task whose key an
+// earlier task of the batch has gets that task. The task returned was yet
+// to run when Dispatch looked; it may start right after, so a handler
+// must not count on seeing what happened after it was first dispatched.
+// The returned task keeps its own name, args, resources and place in line:
+// nothing of the new dispatch is applied to it. Default: none. A key is at
+// most MaxResourceNameLen bytes of UTF-8 without NUL.
+func Unique(key string) DispatchOption {
+	return func(s *TaskSpec) { s.Unique = key; s.uniqueSet = true }
+}
+
 // TaskSpec describes one task to dispatch. Build it with [Spec] or fill it in.
 type TaskSpec struct {
 	Name      string
@@ -415,6 +473,11 @@ type TaskSpec struct {
 	Exclusive []string
 	Shared    []string
 	Timeout   time.Duration // 0: none
+	Unique    string        // unique key (see [Unique]); "": none
+	Retry     *RetryPolicy  // the task's own retry policy (see [Retry]); nil: its handler's
+	RunAt     time.Time     // not before this time (see [RunAt]); zero: now
+
+	uniqueSet bool // Unique was given, so "" is an error
 
 	deferIfBlocked bool // DeferIfBlocked, for Immediate.Run
 

@@ -59,6 +59,7 @@ func HandlerTimeout(d time.Duration) HandlerOption {
 type handler struct {
 	fn      HandlerFunc
 	timeout time.Duration
+	retry   *RetryPolicy
 }
 
 type taskKey struct{}
@@ -83,6 +84,8 @@ type workerConfig struct {
 
 	middleware []Middleware // WithMiddleware
 	onError    ErrorHandler // WithErrorHandler
+	retention  *Retention   // nil: none
+	periodic   []periodic
 
 	afterClaim func()      // tests: runs between a step's claim and the start of its tasks
 	skipBeat   func() bool // tests: true skips a heartbeat (and its cleanup)
@@ -165,6 +168,7 @@ func NewWorker(c *Client, opts ...WorkerOption) *Worker {
 
 // Handle registers the handler for tasks named name. It panics on an
 // invalid name, a nil handler, a name registered twice, a negative timeout,
+// an invalid retry policy,
 // or a running worker, as these are programming errors.
 func (w *Worker) Handle(name string, fn HandlerFunc, opts ...HandlerOption) {
 	if err := checkName("task name", name, MaxTaskNameLen); err != nil {
@@ -179,6 +183,11 @@ func (w *Worker) Handle(name string, fn HandlerFunc, opts ...HandlerOption) {
 	}
 	if h.timeout < 0 {
 		panic(fmt.Sprintf("tasking: negative timeout %v for handler %s", h.timeout, name))
+	}
+	if h.retry != nil {
+		if err := h.retry.check(); err != nil {
+			panic(fmt.Sprintf("tasking: handler %s: %v", name, err))
+		}
 	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -336,6 +345,8 @@ func (w *Worker) validate() error {
 		return inputErr("heartbeat TTL", "%v, need > 0", w.cfg.ttl)
 	case w.cfg.name == "":
 		return inputErr("worker name", "empty")
+	case w.cfg.retention != nil && w.cfg.retention.validate() != nil:
+		return w.cfg.retention.validate()
 	}
-	return nil
+	return checkPeriodic(w.cfg.periodic)
 }

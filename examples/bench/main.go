@@ -62,6 +62,12 @@ func main() {
 	fleetSeconds := flag.Float64("fleet-seconds", 30, "scaling: Pulp's fleet, tasks for this many seconds at the ideal rate (procs / body)")
 	fleetDrain := flag.Duration("fleet-drain", time.Minute, "scaling: Pulp's fleet, measure the tasks done this long after the workers started")
 	bouncerProcs := flag.Int("bouncer-procs", 200, "scaling: the fleet behind PgBouncer (-pgbouncer server connections, default 20), Redis locker; 0: none")
+	retention := flag.Bool("retention", false, "run the long retention measurement instead (see README.md): one worker process, a kept backlog of -retention-backlog tasks, -tasks in all (default 1,000,000 here), throughput per -retention-window tasks, table and index sizes")
+	keep := flag.Duration("retention-keep", 10*time.Second, "retention: how long final tasks are kept (tasking.WithRetention); 0 turns retention off, to compare")
+	every := flag.Duration("retention-every", 5*time.Second, "retention: how often the fleet purges (Retention.Every)")
+	window := flag.Int("retention-window", 100000, "retention: tasks per measured window")
+	backlog := flag.Int("retention-backlog", 20000, "retention: waiting tasks the dispatcher keeps")
+	vacuum := flag.Duration("retention-vacuum", 10*time.Second, "retention: when the server's autovacuum is off, vacuum the run's tables this often (0: never)")
 	flag.Parse()
 	set := map[string]bool{}
 	flag.Visit(func(f *flag.Flag) { set[f.Name] = true })
@@ -90,6 +96,20 @@ func main() {
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	if *retention {
+		rc := bench.RetentionConfig{DSN: cfg.DSN, Redis: cfg.Redis, Lockers: cfg.Lockers, Tasks: 1000000,
+			Window: *window, Slots: cfg.Slots, Keep: *keep, Every: *every, Backlog: *backlog, Resources: 1000, Vacuum: *vacuum}
+		if set["tasks"] {
+			rc.Tasks = cfg.Tasks
+		}
+		_, err := bench.Retention(ctx, rc, os.Stdout, os.Stderr)
+		stop()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if *scaling {
 		sc := bench.ScalingConfig{Base: cfg, Slots: cfg.Slots, Tasks: 30000, Repeat: 3, River: *river,
 			FleetProcs: *fleetProcs, FleetBody: *fleetBody, FleetSeconds: *fleetSeconds, FleetDrain: *fleetDrain,

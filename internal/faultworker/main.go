@@ -60,6 +60,7 @@ type config struct {
 	events    string
 	migrate   bool
 	logLevel  string
+	periodic  time.Duration
 }
 
 func parseFlags(args []string) (config, error) {
@@ -81,6 +82,7 @@ func parseFlags(args []string) (config, error) {
 	fs.StringVar(&c.events, "events", "", "events file (required)")
 	fs.BoolVar(&c.migrate, "migrate", false, "migrate the schema before starting")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.DurationVar(&c.periodic, "periodic", 0, `register the periodic task "tick": task "t" with {"ms": 0} every this long (0: none)`)
 
 	// Environment defaults, then the command line.
 	var envErr error
@@ -197,13 +199,18 @@ func run(cfg config) error {
 	// as a service manager would restart the process.
 	deadline := time.Now().Add(cfg.startTO)
 	for {
-		w := tasking.NewWorker(client,
+		opts := []tasking.WorkerOption{
 			tasking.WithSlots(cfg.slots),
 			tasking.WithWorkerName(cfg.name),
 			tasking.WithHeartbeatTTL(cfg.ttl),
 			tasking.WithPollInterval(cfg.poll),
 			tasking.WithShutdownGrace(cfg.grace),
-		)
+		}
+		if cfg.periodic > 0 {
+			opts = append(opts, tasking.WithPeriodic("tick", tasking.Every(cfg.periodic),
+				tasking.Spec("t", map[string]int{"ms": 0})))
+		}
+		w := tasking.NewWorker(client, opts...)
 		w.Handle("t", handler)
 		runDone := make(chan error, 1)
 		go func() { runDone <- w.Run(ctx) }()

@@ -234,6 +234,7 @@ type Reaped struct {
 	Workers  []int64 // removed worker ids
 	Failed   int     // running tasks failed "worker lost"
 	Canceled int     // canceling tasks ended canceled
+	Requeued int     // running tasks put back in line (their retry policy says so)
 	Ready    int     // waiting tasks that became ready as the settled ones left their lines
 }
 
@@ -257,7 +258,7 @@ func (s *Store) Cleanup(ctx context.Context, ttl time.Duration) (Reaped, error) 
 			return err
 		}
 		r2, err := reap(ctx, tx, s.q, nil)
-		r.Failed, r.Canceled, r.Ready = r2.Failed, r2.Canceled, r2.Ready
+		r.Failed, r.Canceled, r.Ready, r.Requeued = r2.Failed, r2.Canceled, r2.Ready, r2.Requeued
 		return err
 	})
 	return r, err
@@ -266,7 +267,11 @@ func (s *Store) Cleanup(ctx context.Context, ttl time.Duration) (Reaped, error) 
 // reap settles the running and canceling tasks of the given workers, or,
 // with ids nil, of every worker that has no row, and the immediate tasks
 // (no worker) whose lease ran out: their caller did not finish them by
-// their deadline plus a TTL, so it is taken to be gone.
+// their deadline plus a TTL, so it is taken to be gone. A running task
+// whose retry policy (tasks.retry, see the root package's RetryPolicy) says
+// "interrupted" goes back in line instead (state retrying, due now), with
+// its line entries kept; the others fail "worker lost", and the attempt is
+// logged either way.
 func reap(ctx context.Context, tx pgx.Tx, q string, ids []int64) (Reaped, error) {
 	var r Reaped
 	cond := `(t.worker_id IS NULL AND coalesce(t.lease_until, '-infinity') < now()
@@ -279,17 +284,28 @@ func reap(ctx context.Context, tx pgx.Tx, q string, ids []int64) (Reaped, error)
 	var settled []int64
 	err := tx.QueryRow(ctx, `WITH settled AS (
 			UPDATE `+q+`.tasks t
-			SET state = CASE WHEN t.state = 'canceling' THEN 'canceled' ELSE 'failed' END,
+			SET state = CASE WHEN t.state = 'canceling' THEN 'canceled'
+			                 WHEN coalesce((t.retry ->> 'interrupted')::boolean, false) THEN 'retrying'
+			                 ELSE 'failed' END,
 			    error = CASE WHEN t.state = 'canceling' THEN t.error
 			                 WHEN t.worker_id IS NULL THEN 'worker lost: the caller of the immediate task did not finish it by its deadline'
 			                 ELSE 'worker lost' END,
-			    finished_at = clock_timestamp()
+			    finished_at = CASE WHEN t.state = 'running' AND coalesce((t.retry ->> 'interrupted')::boolean, false)
+			                       THEN NULL ELSE clock_timestamp() END,
+			    run_at = CASE WHEN t.state = 'running' AND coalesce((t.retry ->> 'interrupted')::boolean, false)
+			                  THEN clock_timestamp() ELSE t.run_at END,
+			    lease_until = NULL,
+			    attempt_log = CASE WHEN t.state = 'running'
+			                       THEN t.attempt_log || jsonb_build_object('attempt', t.attempt, 'started_at', t.started_at,
+			                                                                'finished_at', clock_timestamp(), 'error', 'worker lost')
+			                       ELSE t.attempt_log END
 			WHERE t.state IN ('running', 'canceling') AND `+cond+`
 			RETURNING t.id, t.state
 		)
 		SELECT count(*) FILTER (WHERE state = 'failed'), count(*) FILTER (WHERE state = 'canceled'),
-		       coalesce(array_agg(id), '{}') FROM settled`,
-		args...).Scan(&r.Failed, &r.Canceled, &settled)
+		       count(*) FILTER (WHERE state = 'retrying'),
+		       coalesce(array_agg(id) FILTER (WHERE state <> 'retrying'), '{}') FROM settled`,
+		args...).Scan(&r.Failed, &r.Canceled, &r.Requeued, &settled)
 	if err != nil || len(settled) == 0 {
 		return r, err
 	}
