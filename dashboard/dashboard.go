@@ -6,7 +6,8 @@
 // Pages are rendered on the server (html/template, no JavaScript): the
 // overview (tasks by state and by name, the oldest waiting task's age per
 // name, names no live worker handles, the workers), a task list filtered by
-// state, name and resource, a task's detail (args, result, error, and for a
+// state, name and resource, a task's detail (args, result, error, progress
+// reports, failed attempts, parent and group, and for a
 // waiting task what it waits for, resource by resource, from
 // [tasking.Client.WhyWaiting]) and the workers. Every page has a JSON
 // twin under api/:

@@ -49,6 +49,10 @@ func newFleet(t *testing.T) *fleet {
 	w := tasking.NewWorker(c, tasking.WithSlots(2), tasking.WithWorkerName("dash-worker"),
 		tasking.WithShutdownGrace(200*time.Millisecond))
 	w.Handle("ok", func(_ context.Context, task *tasking.Task) error {
+		if err := task.ReportProgress(tasking.Progress{Name: "pages", Message: "indexing pages",
+			Done: 3, Total: 3, State: tasking.ProgressCompleted}); err != nil {
+			return err
+		}
 		return task.SetResult(map[string]string{"answer": "forty-two"})
 	})
 	w.Handle("hold", func(ctx context.Context, task *tasking.Task) error {
@@ -154,6 +158,7 @@ func TestPages(t *testing.T) {
 	_, body = get(t, cl, srv.URL+"/tasks/"+id(f.done))
 	require.Contains(t, body, "&#34;answer&#34;: &#34;forty-two&#34;", "the result, indented")
 	require.Contains(t, body, "&#34;n&#34;: 1", "the args")
+	require.Regexp(t, `<tr><td>pages</td><td>completed</td><td>3 / 3</td><td>indexing pages</td></tr>`, body, "the progress reports")
 	require.NotContains(t, body, "Why is it waiting?")
 
 	code, body = get(t, cl, srv.URL+"/workers")

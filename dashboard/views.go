@@ -179,8 +179,8 @@ func filter(r *http.Request, pageSize int) (tasking.ListFilter, error) {
 func parseLimit(s string) (int, error) { return strconv.Atoi(s) }
 
 // states lists the states in their life order, for tables and filters.
-var states = []tasking.State{tasking.StateWaiting, tasking.StateRunning, tasking.StateCanceling,
-	tasking.StateCompleted, tasking.StateFailed, tasking.StateCanceled}
+var states = []tasking.State{tasking.StateScheduled, tasking.StateWaiting, tasking.StateRetrying,
+	tasking.StateRunning, tasking.StateCanceling, tasking.StateCompleted, tasking.StateFailed, tasking.StateCanceled}
 
 // workerTable is the data of the workers table, which two pages show.
 type workerTable struct {
@@ -233,7 +233,9 @@ var funcs = template.FuncMap{
 		}
 		return v.Encode()
 	},
-	"cancelable": func(s tasking.State) bool { return s == tasking.StateWaiting || s == tasking.StateRunning },
+	"cancelable": func(s tasking.State) bool {
+		return s == tasking.StateWaiting || s == tasking.StateRunning || s == tasking.StateScheduled || s == tasking.StateRetrying
+	},
 	"mode": func(excl bool) string {
 		if excl {
 			return "exclusive"
