@@ -19,11 +19,12 @@ type outcome struct {
 	ran      time.Duration   // how long the handler ran
 	progress json.RawMessage // the last progress reports, nil for none
 	delay    time.Duration   // StateRetrying: the backoff
+	batch    uint64          // the step that started the handler
 }
 
 // start runs t's handler in its own goroutine. Its outcome goes to the step
 // loop, which writes it in its next step.
-func (r *run) start(t *Task) {
+func (r *run) start(t *Task, batch uint64) {
 	t.live = &liveTask{schema: r.c.schema, mark: r.progress.mark}
 	h := r.handlers[t.Name]
 	hctx, cancel := context.WithCancelCause(r.base)
@@ -34,7 +35,7 @@ func (r *run) start(t *Task) {
 	}
 	hctx, span := r.startRunSpan(hctx, t)
 	r.c.met.startedTask(hctx, t)
-	a := &activeTask{task: t, names: len(t.Exclusive)+len(t.Shared) > 0, span: span}
+	a := &activeTask{task: t, names: len(t.Exclusive)+len(t.Shared) > 0, span: span, batch: batch}
 	if r.c.met != nil { // only the run-time histogram needs the clock
 		a.began = time.Now()
 	}
@@ -86,7 +87,8 @@ func (r *run) settleHandler(hctx context.Context, t *Task, a *activeTask, err er
 	delete(r.active, t.ID)
 	r.unsent[t.ID] = struct{}{}
 	// The last progress reports go with the final state, in one write.
-	o := outcome{task: t, state: StateCompleted, owner: a.names, ran: a.ran(), progress: t.live.endProgress()}
+	o := outcome{task: t, state: StateCompleted, owner: a.names, ran: a.ran(), progress: t.live.endProgress(),
+		batch: a.batch}
 	r.progress.forget(t)
 	var why error // for the error handler
 	switch {

@@ -53,8 +53,9 @@ type run struct {
 	orphans                    map[int64]int32     // running here per the database, but unknown (epoch+1)
 	unsent                     map[int64]struct{}  // handler returned, final state not yet written
 
-	results       chan outcome // from handlers to the step loop
-	sendMu        sync.RWMutex // guards closed and sends on results
+	results       chan outcome  // from handlers to the step loop
+	batches       atomic.Uint64 // steps that started handlers, numbered
+	sendMu        sync.RWMutex  // guards closed and sends on results
 	closed        bool
 	wake          chan struct{}
 	wakes         atomic.Uint64   // wake-ups asked for so far (see loop)
@@ -75,6 +76,7 @@ type run struct {
 }
 
 type activeTask struct {
+	batch     uint64 // the step that started it (see awaitSiblings)
 	task      *Task
 	cancel    context.CancelCauseFunc
 	names     bool // holds grants

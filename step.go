@@ -3,6 +3,7 @@ package tasking
 import (
 	"context"
 	"fmt"
+	"slices"
 	"time"
 )
 
@@ -110,6 +111,9 @@ func (r *run) loop(ctx context.Context, conn *workerConn) {
 				break drain
 			}
 		}
+		if !stopping && !failing && len(pending) > 0 {
+			pending, results = r.awaitSiblings(pending, results)
+		}
 		free = 0
 		if !stopping {
 			free = r.reserve() // handlers may have returned meanwhile
@@ -158,6 +162,56 @@ func (r *run) loop(ctx context.Context, conn *workerConn) {
 	}
 }
 
+// siblingWait bounds how long a step waits for the siblings of the tasks it
+// is to finish: the handlers one step started tend to return together, and
+// a step for all of them is one statement where a step each is several
+// (16 processes × 5 slots, noop tasks: 0.40 statements per task without it,
+// 0.24 with it). A millisecond made a line on one resource hand over about
+// a fifth slower (a head task waited for the tail tasks claimed with it);
+// 250 µs did not, measurably.
+const siblingWait = 250 * time.Microsecond
+
+// awaitSiblings collects more outcomes while a handler that was started by
+// the same step as one of pending still runs, for at most siblingWait. A
+// handler is no longer running once it returned, whichever lane takes its
+// outcome.
+func (r *run) awaitSiblings(pending []outcome, results chan outcome) ([]outcome, chan outcome) {
+	var timer *time.Timer
+	for r.siblingsRunning(pending) {
+		if timer == nil {
+			timer = time.NewTimer(r.w.cfg.siblingWait)
+			defer timer.Stop()
+		}
+		select {
+		case o, ok := <-results:
+			if !ok {
+				return pending, nil
+			}
+			pending = append(pending, o)
+		case <-timer.C:
+			return pending, results
+		}
+	}
+	return pending, results
+}
+
+func (r *run) siblingsRunning(pending []outcome) bool {
+	var batches []uint64 // few: the steps whose handlers returned lately
+	for i := range pending {
+		if !slices.Contains(batches, pending[i].batch) {
+			batches = append(batches, pending[i].batch)
+		}
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, a := range r.active {
+		if !a.abandoned && slices.Contains(batches, a.batch) {
+			return true
+		}
+	}
+	return false
+}
+
 // freeSlots is how many slots no handler and no step in flight takes.
 func (r *run) freeSlots() int {
 	r.mu.Lock()
@@ -193,6 +247,9 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 	// Release first: the step makes the next in line ready, and it should
 	// find its resources free. The handlers have returned, so nothing is
 	// done under these grants any more.
+	if r.w.cfg.onStep != nil && len(outs) > 0 {
+		r.w.cfg.onStep(len(outs))
+	}
 	var owners []Owner
 	for i := range outs {
 		if outs[i].owner {
@@ -307,9 +364,10 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 	for _, t := range refused {
 		skip[t.ID] = true
 	}
+	batch := r.batches.Add(1)
 	for _, t := range res.claimed {
 		if !skip[t.ID] {
-			r.start(t)
+			r.start(t, batch)
 			started++
 		}
 	}

@@ -2,9 +2,11 @@ package tasking
 
 import (
 	"context"
+	"encoding/json"
 	"io"
 	"log/slog"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -100,4 +102,50 @@ func TestStepsKeepWorkerAlive(t *testing.T) {
 	var alive bool
 	require.NoError(t, pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM `+pgIdent(c.Schema())+`.workers WHERE name = 'mute')`).Scan(&alive))
 	require.True(t, alive, "the stepping worker was declared lost (after %d tasks)", n)
+}
+
+// TestSiblingsFinishTogether: the handlers one step started return at
+// different moments (0 to 3 ms apart here); the step that writes their
+// outcomes waits for the others (up to the sibling wait, lengthened for the
+// test), so one step writes all four instead of a step each.
+func TestSiblingsFinishTogether(t *testing.T) {
+	t.Parallel()
+	pool := testdb.Pool(t, 4)
+	c, err := New(pool, WithSchema(testdb.Schema(t, pool)), WithLocker(NewMemoryLocker()),
+		WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))))
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	require.NoError(t, c.Migrate(ctx))
+
+	w := NewWorker(c, WithSlots(4))
+	w.cfg.siblingWait = 2 * time.Second
+	var mu sync.Mutex
+	var steps []int
+	w.cfg.onStep = func(n int) { mu.Lock(); steps = append(steps, n); mu.Unlock() }
+	w.Handle("t", func(_ context.Context, task *Task) error {
+		var d time.Duration
+		require.NoError(t, json.Unmarshal(task.Args, &d))
+		time.Sleep(d)
+		return nil
+	})
+	// Stored before the worker starts, so its first step claims all four.
+	var specs []TaskSpec
+	for i := range 4 {
+		specs = append(specs, Spec("t", time.Duration(i)*time.Millisecond))
+	}
+	tasks, err := c.DispatchMany(ctx, specs...)
+	require.NoError(t, err)
+	rctx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- w.Run(rctx) }()
+	defer func() { stop(); require.NoError(t, <-done) }()
+	for _, task := range tasks {
+		got, err := c.Wait(ctx, task.ID)
+		require.NoError(t, err)
+		require.Equal(t, StateCompleted, got.State)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	require.Equal(t, []int{4}, steps, "outcomes written per step")
 }

@@ -87,8 +87,10 @@ type workerConfig struct {
 	retention  *Retention   // nil: none
 	periodic   []periodic
 
-	afterClaim func()      // tests: runs between a step's claim and the start of its tasks
-	skipBeat   func() bool // tests: true skips a heartbeat (and its cleanup)
+	siblingWait time.Duration  // see awaitSiblings; tests lengthen it
+	afterClaim  func()         // tests: runs between a step's claim and the start of its tasks
+	onStep      func(outs int) // tests: runs before each step with the outcomes it writes
+	skipBeat    func() bool    // tests: true skips a heartbeat (and its cleanup)
 }
 
 // WithSlots sets how many handlers run at once. Default: 16.
@@ -153,6 +155,8 @@ func NewWorker(c *Client, opts ...WorkerOption) *Worker {
 		poll:  time.Second,
 		grace: 10 * time.Second,
 		ttl:   30 * time.Second,
+
+		siblingWait: siblingWait,
 	}
 	for _, o := range opts {
 		o(&cfg)
