@@ -110,7 +110,9 @@ func (r *run) onMessage(payload string) {
 		return
 	}
 	if id, hungry, ok := peerMessage(payload); ok {
-		if id != r.id {
+		// r.id is written by register; before that this worker has sent
+		// nothing, so the message is another worker's.
+		if !r.registered.Load() || id != r.id {
 			r.peers.heard(id, hungry, time.Now())
 		}
 		return
