@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
 
 	"github.com/tasking-go/tasking/internal/testdb"
@@ -68,20 +69,8 @@ func modelReady(ts []modelTask) []int64 {
 // definition says it is ready. Replay a failure with TASKING_SEED.
 func TestReadyMatchesModel(t *testing.T) {
 	t.Parallel()
-	pool := testdb.Pool(t, 4)
-	c, err := New(pool, WithSchema(testdb.Schema(t, pool)))
-	require.NoError(t, err)
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	require.NoError(t, c.Migrate(ctx))
-	conn := newWorkerConn(pool, "model test")
-	defer conn.close(ctx)
-	var worker int64 // steps claim only for a worker with a fresh heartbeat
-	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO `+pgIdent(c.schema)+`.workers (name, host, pid, locker)
-		VALUES ('model', 'h', 1, 'memory') RETURNING id`).Scan(&worker))
-
-	seed := testdb.Seed(t)
-	rng := rand.New(rand.NewPCG(seed, 7))
+	rig := newModelRig(t)
+	ctx, c, conn, worker, seed, rng := rig.ctx, rig.c, rig.conn, rig.worker, rig.seed, rig.rng
 	name := func() string { return fmt.Sprintf("r %d", rng.IntN(5)) } // a space on purpose
 	var model []modelTask
 	byID := map[int64]int{}
@@ -109,27 +98,9 @@ func TestReadyMatchesModel(t *testing.T) {
 		return specs
 	}
 
-	readyInDB := func() []int64 {
-		rows, err := pool.Query(ctx, `SELECT id FROM `+pgIdent(c.schema)+`.tasks
-			WHERE state = 'waiting' AND blockers = 0 ORDER BY id`)
-		require.NoError(t, err)
-		defer rows.Close()
-		var ids []int64
-		for rows.Next() {
-			var id int64
-			require.NoError(t, rows.Scan(&id))
-			ids = append(ids, id)
-		}
-		require.NoError(t, rows.Err())
-		return ids
-	}
 	check := func(step int, what string) {
 		t.Helper()
-		want, got := modelReady(model), readyInDB()
-		require.Equal(t, want, got, "seed %d, action %d (%s): ready tasks", seed, step, what)
-		var left int
-		require.NoError(t, pool.QueryRow(ctx, `SELECT count(*) FROM `+pgIdent(c.schema)+`.handoffs`).Scan(&left))
-		require.Zero(t, left, "handoffs left for later with no concurrent transaction")
+		rig.check(t, model, step, what)
 	}
 
 	for step := 0; step < 600; step++ {
@@ -266,46 +237,16 @@ func TestReadyMatchesModel(t *testing.T) {
 // definition says. Replay a failure with TASKING_SEED.
 func TestReadyMatchesModelTime(t *testing.T) {
 	t.Parallel()
-	pool := testdb.Pool(t, 4)
-	c, err := New(pool, WithSchema(testdb.Schema(t, pool)))
-	require.NoError(t, err)
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	require.NoError(t, c.Migrate(ctx))
-	conn := newWorkerConn(pool, "model test")
-	defer conn.close(ctx)
-	var worker int64 // steps claim only for a worker with a fresh heartbeat
-	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO `+pgIdent(c.schema)+`.workers (name, host, pid, locker)
-		VALUES ('model', 'h', 1, 'memory') RETURNING id`).Scan(&worker))
-
-	seed := testdb.Seed(t)
-	rng := rand.New(rand.NewPCG(seed, 7))
+	rig := newModelRig(t)
+	ctx, pool, c, conn, worker, seed, rng := rig.ctx, rig.pool, rig.c, rig.conn, rig.worker, rig.seed, rig.rng
 	name := func() string { return fmt.Sprintf("r %d", rng.IntN(5)) } // a space on purpose
 	var model []modelTask
 	byID := map[int64]int{}
 	running := map[int64]*Task{}
 
-	readyInDB := func() []int64 {
-		rows, err := pool.Query(ctx, `SELECT id FROM `+pgIdent(c.schema)+`.tasks
-			WHERE state = 'waiting' AND blockers = 0 ORDER BY id`)
-		require.NoError(t, err)
-		defer rows.Close()
-		var ids []int64
-		for rows.Next() {
-			var id int64
-			require.NoError(t, rows.Scan(&id))
-			ids = append(ids, id)
-		}
-		require.NoError(t, rows.Err())
-		return ids
-	}
 	check := func(step int, what string) {
 		t.Helper()
-		want, got := modelReady(model), readyInDB()
-		require.Equal(t, want, got, "seed %d, action %d (%s): ready tasks", seed, step, what)
-		var left int
-		require.NoError(t, pool.QueryRow(ctx, `SELECT count(*) FROM `+pgIdent(c.schema)+`.handoffs`).Scan(&left))
-		require.Zero(t, left, "handoffs left for later with no concurrent transaction")
+		rig.check(t, model, step, what)
 	}
 
 	for step := 0; step < 400; step++ {
@@ -398,6 +339,59 @@ func TestReadyMatchesModelTime(t *testing.T) {
 			check(step, "cancel")
 		}
 	}
+}
+
+// modelRig is what both readiness model tests drive: a migrated schema, a
+// worker connection and a registered worker, and a seeded random source.
+type modelRig struct {
+	ctx    context.Context
+	pool   *pgxpool.Pool
+	c      *Client
+	conn   *workerConn
+	worker int64 // steps claim only for a worker with a fresh heartbeat
+	seed   uint64
+	rng    *rand.Rand
+}
+
+func newModelRig(t *testing.T) *modelRig {
+	t.Helper()
+	r := &modelRig{pool: testdb.Pool(t, 4)}
+	var err error
+	r.c, err = New(r.pool, WithSchema(testdb.Schema(t, r.pool)))
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	t.Cleanup(cancel)
+	r.ctx = ctx
+	require.NoError(t, r.c.Migrate(ctx))
+	r.conn = newWorkerConn(r.pool, "model test")
+	t.Cleanup(func() { r.conn.close(context.Background()) })
+	require.NoError(t, r.pool.QueryRow(ctx, `INSERT INTO `+pgIdent(r.c.schema)+`.workers (name, host, pid, locker)
+		VALUES ('model', 'h', 1, 'memory') RETURNING id`).Scan(&r.worker))
+	r.seed = testdb.Seed(t)
+	r.rng = rand.New(rand.NewPCG(r.seed, 7))
+	return r
+}
+
+// check compares the ready tasks in the database with the model's, after
+// action step, and that no hand-off was left for later (nothing runs
+// concurrently here).
+func (r *modelRig) check(t *testing.T, model []modelTask, step int, what string) {
+	t.Helper()
+	rows, err := r.pool.Query(r.ctx, `SELECT id FROM `+pgIdent(r.c.schema)+`.tasks
+		WHERE state = 'waiting' AND blockers = 0 ORDER BY id`)
+	require.NoError(t, err)
+	defer rows.Close()
+	var got []int64 // nil when none, as modelReady's
+	for rows.Next() {
+		var id int64
+		require.NoError(t, rows.Scan(&id))
+		got = append(got, id)
+	}
+	require.NoError(t, rows.Err())
+	require.Equal(t, modelReady(model), got, "seed %d, action %d (%s): ready tasks", r.seed, step, what)
+	var left int
+	require.NoError(t, r.pool.QueryRow(r.ctx, `SELECT count(*) FROM `+pgIdent(r.c.schema)+`.handoffs`).Scan(&left))
+	require.Zero(t, left, "handoffs left for later with no concurrent transaction")
 }
 
 func pgIdent(s string) string { return pgx.Identifier{s}.Sanitize() }
