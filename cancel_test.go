@@ -260,3 +260,49 @@ func TestStopHard(t *testing.T) {
 	require.ErrorIs(t, got.Err(), tasking.ErrShutdown)
 	require.NoError(t, w.Stop(ctx), "stopping a stopped worker does nothing")
 }
+
+// TestCancelLockOrder: a cancel takes a waiting task's line entries before
+// its row, the order in which a worker's step hands a line on (it unblocks
+// the entry, then updates the task). Here a transaction plays the step: it
+// locks the entry, the cancel queues behind it, and the transaction then
+// updates the task's row. In the other order the two would deadlock (this
+// session's deadlock_timeout is 10 ms so that PostgreSQL reports it here
+// rather than abort the cancel).
+func TestCancelLockOrder(t *testing.T) {
+	t.Parallel()
+	c := newClient(t)
+	ctx := ctxT(t, 30*time.Second)
+	pool := testdb.Pool(t, 2)
+	q := pgx.Identifier{c.Schema()}.Sanitize()
+	_, err := c.Dispatch(ctx, "a", nil, tasking.Exclusive("r"))
+	require.NoError(t, err)
+	b, err := c.Dispatch(ctx, "b", nil, tasking.Exclusive("r"))
+	require.NoError(t, err)
+
+	tx, err := pool.Begin(ctx)
+	require.NoError(t, err)
+	defer func() { _ = tx.Rollback(ctx) }()
+	_, err = tx.Exec(ctx, "SET LOCAL deadlock_timeout = '10ms'")
+	require.NoError(t, err)
+	tag, err := tx.Exec(ctx, "UPDATE "+q+".lines SET blocked = false WHERE resource = 'r' AND task = $1", b.ID)
+	require.NoError(t, err)
+	require.EqualValues(t, 1, tag.RowsAffected())
+
+	canceled := make(chan error, 1)
+	go func() { canceled <- c.Cancel(ctx, b.ID) }()
+	// Wait until the cancel waits for a lock held by the transaction.
+	require.Eventually(t, func() bool {
+		var n int
+		err := pool.QueryRow(ctx, `SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+			WHERE NOT l.granted AND a.query LIKE '%cancel(%' AND a.datname = current_database()`).Scan(&n)
+		return err == nil && n > 0
+	}, 10*time.Second, 5*time.Millisecond)
+	_, err = tx.Exec(ctx, "UPDATE "+q+".tasks SET blockers = blockers WHERE id = $1", b.ID)
+	require.NoError(t, err, "the step's order met the cancel's and deadlocked")
+	require.NoError(t, tx.Rollback(ctx))
+
+	require.NoError(t, recv(t, canceled, 10*time.Second))
+	got, err := c.Get(ctx, b.ID)
+	require.NoError(t, err)
+	require.Equal(t, tasking.StateCanceled, got.State)
+}

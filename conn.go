@@ -2,6 +2,7 @@ package tasking
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"sync"
@@ -402,3 +403,23 @@ func (r rowOf) Scan(dest ...any) error {
 type errRow struct{ err error }
 
 func (r errRow) Scan(...any) error { return r.err }
+
+// retryConflict runs f, a single statement that commits on its own, again
+// when PostgreSQL aborted it for a deadlock or a serialization failure (up
+// to five times, with growing jittered pauses). Statements that settle a
+// task from the client side (cancel, a group's cancel, an immediate task's
+// finish) lock the task's row and then its line entries, while a worker's
+// step hands a line on in the other order; PostgreSQL breaks such a cycle
+// by aborting one side, and an aborted statement changed nothing, so running
+// it again is safe.
+func retryConflict(ctx context.Context, f func() error) error {
+	for attempt := 0; ; attempt++ {
+		err := f()
+		var pgErr *pgconn.PgError
+		if err == nil || attempt >= 5 || !errors.As(err, &pgErr) ||
+			pgErr.Code != "40P01" && pgErr.Code != "40001" || ctx.Err() != nil {
+			return err
+		}
+		sleepCtx(ctx, jitter(10*time.Millisecond<<attempt))
+	}
+}

@@ -199,37 +199,29 @@ func (c *Client) CancelGroup(ctx context.Context, id int64) error {
 	// A group cancel locks several tasks; a worker's step finishing two of
 	// them in another order can deadlock with it (PostgreSQL then aborts
 	// one). The step retries, and so does this: it is idempotent.
-	for attempt := 0; ; attempt++ {
+	err := retryConflict(ctx, func() error {
 		ready, canceling = 0, canceling[:0]
-		err := func() error {
-			rows, err := c.pool.Query(ctx, c.q.cancelGroup, id, c.bus.dispatchChannel())
-			if err != nil {
+		rows, err := c.pool.Query(ctx, c.q.cancelGroup, id, c.bus.dispatchChannel())
+		if err != nil {
+			return err
+		}
+		defer rows.Close()
+		for rows.Next() {
+			var tid int64
+			var state string
+			var r int
+			if err := rows.Scan(&tid, &state, &r); err != nil {
 				return err
 			}
-			defer rows.Close()
-			for rows.Next() {
-				var tid int64
-				var state string
-				var r int
-				if err := rows.Scan(&tid, &state, &r); err != nil {
-					return err
-				}
-				ready += r
-				if State(state) == StateCanceling {
-					canceling = append(canceling, tid)
-				}
+			ready += r
+			if State(state) == StateCanceling {
+				canceling = append(canceling, tid)
 			}
-			return rows.Err()
-		}()
-		var pgErr *pgconn.PgError
-		if err != nil && errors.As(err, &pgErr) && pgErr.Code == "40P01" && attempt < 5 {
-			sleepCtx(ctx, jitter(10*time.Millisecond<<attempt))
-			continue
 		}
-		if err != nil {
-			return fmt.Errorf("tasking: cancel group %d: %w", id, err)
-		}
-		break
+		return rows.Err()
+	})
+	if err != nil {
+		return fmt.Errorf("tasking: cancel group %d: %w", id, err)
 	}
 	for _, tid := range canceling {
 		c.bus.canceled(ctx, tid)

@@ -223,8 +223,10 @@ func (im *Immediate) finish(ctx context.Context, t *Task, state State, msg strin
 	var stored *string
 	var finished *time.Time
 	var ready int
-	err := c.pool.QueryRow(ctx, c.q.finishImmediate, t.ID, t.Epoch, string(state), msg, result, progress,
-		c.bus.dispatchChannel()).Scan(&stored, &finished, &ready)
+	err := retryConflict(ctx, func() error {
+		return c.pool.QueryRow(ctx, c.q.finishImmediate, t.ID, t.Epoch, string(state), msg, result, progress,
+			c.bus.dispatchChannel()).Scan(&stored, &finished, &ready)
+	})
 	if err != nil {
 		return nil, fmt.Errorf("tasking: immediate task %d: write final state: %w", t.ID, err)
 	}

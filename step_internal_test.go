@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/stretchr/testify/require"
 
 	"github.com/tasking-go/tasking/internal/testdb"
@@ -148,4 +149,28 @@ func TestSiblingsFinishTogether(t *testing.T) {
 	mu.Lock()
 	defer mu.Unlock()
 	require.Equal(t, []int{4}, steps, "outcomes written per step")
+}
+
+func TestRetryConflict(t *testing.T) {
+	ctx := context.Background()
+	calls := 0
+	err := retryConflict(ctx, func() error {
+		calls++
+		if calls < 3 {
+			return &pgconn.PgError{Code: "40P01"}
+		}
+		return nil
+	})
+	require.NoError(t, err)
+	require.Equal(t, 3, calls, "a deadlock is run again")
+
+	calls = 0
+	other := &pgconn.PgError{Code: "23505"}
+	require.ErrorIs(t, retryConflict(ctx, func() error { calls++; return other }), other)
+	require.Equal(t, 1, calls, "other errors are not")
+
+	calls = 0
+	err = retryConflict(ctx, func() error { calls++; return &pgconn.PgError{Code: "40001"} })
+	require.Error(t, err)
+	require.Equal(t, 6, calls, "it gives up after five more tries")
 }

@@ -600,7 +600,9 @@ func (c *Client) Cancel(ctx context.Context, id int64) error {
 	}
 	var state *string
 	var ready int
-	err := c.pool.QueryRow(ctx, c.q.cancel, id, c.bus.dispatchChannel()).Scan(&state, &ready)
+	err := retryConflict(ctx, func() error {
+		return c.pool.QueryRow(ctx, c.q.cancel, id, c.bus.dispatchChannel()).Scan(&state, &ready)
+	})
 	if err == nil && state == nil {
 		err = pgx.ErrNoRows
 	}
