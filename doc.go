@@ -284,4 +284,8 @@
 // period, then cancels their contexts with cause [ErrShutdown]; those tasks
 // end failed with a reason saying so. Final states are written before locks
 // are released.
+//
+// A program that only dispatches and then exits calls [Client.Close] before
+// closing its pool: an autocommitted dispatch wakes the workers just after
+// it returns, in the background, and Close waits for those wake-ups.
 package tasking

@@ -5,3 +5,6 @@ package tasking
 // WorkerAppName is the application_name of a worker's PostgreSQL
 // connection, which tests use to find and kill exactly that connection.
 var WorkerAppName = workerAppName
+
+// NotifyChannel is the NOTIFY channel of a schema, which tests LISTEN on.
+var NotifyChannel = notifyChannel

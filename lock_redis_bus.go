@@ -99,6 +99,8 @@ func (b *redisBus) dispatched(context.Context) {
 
 func (b *redisBus) released(ctx context.Context) { b.dispatched(ctx) }
 
+func (b *redisBus) flush(ctx context.Context) error { return b.wakeup.drain(ctx) }
+
 // canceled tells the task's worker, which cancels the handler (the cancel
 // statement sent no NOTIFY: dispatchChannel is empty).
 func (b *redisBus) canceled(_ context.Context, id int64) {

@@ -629,6 +629,21 @@ func (c *Client) Cancel(ctx context.Context, id int64) error {
 	return nil
 }
 
+// Close waits until the wake-ups of the dispatches that have returned are
+// sent, or ctx is done. An autocommitted Dispatch or DispatchMany wakes the
+// workers just after it returns, in the background; a program that
+// dispatches and then closes the pool or exits at once calls Close first,
+// or the workers find its last tasks only at their next poll. After Close
+// the client still dispatches, reads and cancels, but sends no wake-ups
+// for autocommitted dispatches. It does not close the pool, which the
+// caller owns, nor stop a Worker built on the client (Run does that).
+func (c *Client) Close(ctx context.Context) error {
+	if err := c.bus.flush(ctx); err != nil {
+		return fmt.Errorf("tasking: close: %w", err)
+	}
+	return nil
+}
+
 // Get returns the task with that id, or ErrNotFound.
 func (c *Client) Get(ctx context.Context, id int64) (*Task, error) {
 	if err := c.checkSchema(ctx); err != nil {

@@ -36,6 +36,9 @@ type wakeBus interface {
 	// tell sends a message to every worker of the schema (see
 	// wake_peers.go); it reports failures itself.
 	tell(ctx context.Context, msg string) error
+	// flush waits until the wake-ups asked for so far are sent, and sends
+	// no more (Client.Close).
+	flush(ctx context.Context) error
 	// listen hands every message to rcv until ctx is done (nothing for a
 	// bus whose workers LISTEN).
 	listen(ctx context.Context, rcv busReceiver) error
@@ -112,8 +115,25 @@ type coalescer struct {
 	mu      sync.Mutex
 	sending bool // a send is in flight
 	again   bool // asked since it started
-	stopped bool
+	stopped bool // asks are ignored, and a send asked for meanwhile is dropped
+	closed  bool // asks are ignored; a send asked for meanwhile still goes
 	wg      sync.WaitGroup
+}
+
+// drain ignores later asks and waits until the sends asked for so far have
+// been made, or ctx is done.
+func (c *coalescer) drain(ctx context.Context) error {
+	c.mu.Lock()
+	c.closed = true
+	c.mu.Unlock()
+	done := make(chan struct{})
+	go func() { c.wg.Wait(); close(done) }() // no Add after closed
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // stop ignores later asks and waits for the send in flight.
@@ -127,7 +147,7 @@ func (c *coalescer) stop() {
 func (c *coalescer) ask(send func()) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.stopped {
+	if c.stopped || c.closed {
 		return
 	}
 	if c.sending {
@@ -153,6 +173,8 @@ func (c *coalescer) ask(send func()) {
 }
 
 func (b *pgBus) canceled(context.Context, int64) {} // the cancel statement notified
+
+func (b *pgBus) flush(ctx context.Context) error { return b.wakeup.drain(ctx) }
 
 // released: the statements that make tasks ready notify themselves (step,
 // cancel); what is left is the rare cleanup, sent like a dispatch wake-up.

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/require"
 
 	"github.com/tasking-go/tasking"
@@ -117,5 +118,41 @@ func waitRunning(t *testing.T, ctx context.Context, c *tasking.Client, tasks []*
 			require.NoError(t, ctx.Err(), fmt.Sprintf("task %d did not start", task.ID))
 			time.Sleep(5 * time.Millisecond)
 		}
+	}
+}
+
+// TestCloseSendsWakeups: an autocommitted dispatch wakes the workers in the
+// background after it returns; Close waits for that wake-up, so a program
+// may close its pool right after it.
+func TestCloseSendsWakeups(t *testing.T) {
+	t.Parallel()
+	ctx := ctxT(t, 30*time.Second)
+	pool := testdb.Pool(t, 4)
+	schema := testdb.Schema(t, pool)
+	setup, err := tasking.New(pool, tasking.WithSchema(schema), tasking.WithLogger(quietLogger()))
+	require.NoError(t, err)
+	require.NoError(t, setup.Migrate(ctx))
+
+	listener, err := pgx.Connect(ctx, testdb.DatabaseURL())
+	require.NoError(t, err)
+	defer listener.Close(context.Background())
+	_, err = listener.Exec(ctx, "LISTEN "+pgx.Identifier{tasking.NotifyChannel(schema)}.Sanitize())
+	require.NoError(t, err)
+
+	for round := range 5 {
+		own := testdb.Pool(t, 2)
+		c, err := tasking.New(own, tasking.WithSchema(schema), tasking.WithLogger(quietLogger()))
+		require.NoError(t, err)
+		_, err = c.Dispatch(ctx, "x", nil)
+		require.NoError(t, err)
+		require.NoError(t, c.Close(ctx))
+		own.Close() // the wake-up must be out by now
+		wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		_, err = listener.WaitForNotification(wctx)
+		cancel()
+		require.NoError(t, err, "round %d: no wake-up after Close", round)
+		// Later dispatches still work, without wake-ups.
+		_, err = c.Dispatch(ctx, "x", nil)
+		require.Error(t, err, "the pool is closed")
 	}
 }

@@ -27,6 +27,9 @@ func main() {
 	if os.Getenv(bench.ChildEnv) != "" {
 		os.Exit(bench.ChildMain())
 	}
+	if os.Getenv(bench.DispatchChildEnv) != "" {
+		os.Exit(bench.DispatchChildMain())
+	}
 	const dsnFallback = "postgres://postgres@127.0.0.1:5432/test?sslmode=disable"
 	var cfg bench.Config
 	locker := flag.String("locker", "both", "pg, redis, or both (each on the same workload, side by side)")
@@ -39,6 +42,7 @@ func main() {
 	flag.StringVar(&cfg.Mode, "mode", "backlog", "backlog: dispatch everything (DispatchMany batches), then start the workers; stream: Dispatch one task at a time while the workers run")
 	flag.Float64Var(&cfg.Rate, "rate", 0, "stream: tasks/s in all (0: as fast as the dispatchers can)")
 	flag.IntVar(&cfg.Dispatchers, "dispatchers", 4, "backlog: concurrent DispatchMany batches; stream: concurrent Dispatch loops")
+	flag.IntVar(&cfg.DispatchProcs, "dispatch-procs", 1, "stream: spread the -dispatchers loops over this many processes (re-executions of this program)")
 	flag.IntVar(&cfg.Batch, "batch", 5000, "backlog: tasks per DispatchMany")
 	flag.IntVar(&cfg.StopAfter, "stop-after", 0, "stop once this many tasks are done and measure those (0: drain all)")
 	flag.DurationVar(&cfg.MaxDrain, "max-drain", 0, "stop this long after the workers started and measure the tasks done by then (0: drain all)")

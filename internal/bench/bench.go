@@ -37,30 +37,31 @@ import (
 
 // Config is the program's flags.
 type Config struct {
-	Lockers     []string      // "pg", "redis"
-	Slots       int           // in all, split between Procs
-	Procs       int           // worker processes
-	Tasks       int           // tasks per trial
-	Workload    string        // see Workloads
-	Head        int           // hot: tasks in the blocked head
-	Body        time.Duration // handler sleep; 0: return at once
-	Mode        string        // "backlog" or "stream"
-	Rate        float64       // stream: tasks/s in all; 0: as fast as the dispatchers can
-	Dispatchers int           // backlog: concurrent DispatchMany batches; stream: Dispatch loops
-	Batch       int           // backlog: tasks per DispatchMany
-	StopAfter   int           // stop once this many tasks are done (0: drain all)
-	MaxDrain    time.Duration // stop this long after the workers started, and measure the tasks done (0: no limit)
-	Repeat      int           // trials per locker, interleaved; the report shows medians
-	PoolConns   int32         // worker pool size per process (0: pgx's default)
-	Conns       int           // tasking.WithConnections of each worker process (0: its default)
-	Poll        time.Duration // worker fallback poll interval
-	Out         string        // output prefix: <out>.json, <out>.svg
-	DSN, Redis  string
-	CPUProfile  string // prefix of CPU profiles of the worker processes
-	Seed        uint64
-	LogLevel    string
-	Progress    io.Writer // live progress line; nil: none
-	PgBouncer   int       // >0: the workers go through a throwaway PgBouncer with this many server connections
+	Lockers       []string      // "pg", "redis"
+	Slots         int           // in all, split between Procs
+	Procs         int           // worker processes
+	Tasks         int           // tasks per trial
+	Workload      string        // see Workloads
+	Head          int           // hot: tasks in the blocked head
+	Body          time.Duration // handler sleep; 0: return at once
+	Mode          string        // "backlog" or "stream"
+	Rate          float64       // stream: tasks/s in all; 0: as fast as the dispatchers can
+	Dispatchers   int           // backlog: concurrent DispatchMany batches; stream: Dispatch loops
+	DispatchProcs int           // stream: processes the Dispatch loops are spread over (1: this one)
+	Batch         int           // backlog: tasks per DispatchMany
+	StopAfter     int           // stop once this many tasks are done (0: drain all)
+	MaxDrain      time.Duration // stop this long after the workers started, and measure the tasks done (0: no limit)
+	Repeat        int           // trials per locker, interleaved; the report shows medians
+	PoolConns     int32         // worker pool size per process (0: pgx's default)
+	Conns         int           // tasking.WithConnections of each worker process (0: its default)
+	Poll          time.Duration // worker fallback poll interval
+	Out           string        // output prefix: <out>.json, <out>.svg
+	DSN, Redis    string
+	CPUProfile    string // prefix of CPU profiles of the worker processes
+	Seed          uint64
+	LogLevel      string
+	Progress      io.Writer // live progress line; nil: none
+	PgBouncer     int       // >0: the workers go through a throwaway PgBouncer with this many server connections
 }
 
 // Result is one trial: one locker draining one workload once.
@@ -128,26 +129,27 @@ type Report struct {
 }
 
 type reportConfig struct {
-	Lockers     []string `json:"lockers"`
-	Workload    string   `json:"workload"`
-	Mode        string   `json:"mode"`
-	Tasks       int      `json:"tasks"`
-	Head        int      `json:"head,omitempty"`
-	Slots       int      `json:"slots"`
-	Procs       int      `json:"procs"`
-	Body        string   `json:"body"`
-	Rate        float64  `json:"rate,omitempty"`
-	Dispatchers int      `json:"dispatchers"`
-	Batch       int      `json:"batch"`
-	StopAfter   int      `json:"stop_after,omitempty"`
-	MaxDrain    string   `json:"max_drain,omitempty"`
-	Repeat      int      `json:"repeat"`
-	PoolConns   int32    `json:"pool_conns"`
-	Conns       int      `json:"conns,omitempty"`
-	PgBouncer   int      `json:"pgbouncer_pool,omitempty"`
-	PgBouncerV  string   `json:"pgbouncer_version,omitempty"`
-	Seed        uint64   `json:"seed"`
-	GOMAXPROCS  int      `json:"cores"`
+	Lockers       []string `json:"lockers"`
+	Workload      string   `json:"workload"`
+	Mode          string   `json:"mode"`
+	Tasks         int      `json:"tasks"`
+	Head          int      `json:"head,omitempty"`
+	Slots         int      `json:"slots"`
+	Procs         int      `json:"procs"`
+	Body          string   `json:"body"`
+	Rate          float64  `json:"rate,omitempty"`
+	Dispatchers   int      `json:"dispatchers"`
+	DispatchProcs int      `json:"dispatch_procs,omitempty"`
+	Batch         int      `json:"batch"`
+	StopAfter     int      `json:"stop_after,omitempty"`
+	MaxDrain      string   `json:"max_drain,omitempty"`
+	Repeat        int      `json:"repeat"`
+	PoolConns     int32    `json:"pool_conns"`
+	Conns         int      `json:"conns,omitempty"`
+	PgBouncer     int      `json:"pgbouncer_pool,omitempty"`
+	PgBouncerV    string   `json:"pgbouncer_version,omitempty"`
+	Seed          uint64   `json:"seed"`
+	GOMAXPROCS    int      `json:"cores"`
 }
 
 // Run runs every trial and returns the report. Each trial works in a schema
@@ -191,7 +193,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	}
 	rep := &Report{Started: time.Now(), Config: reportConfig{
 		Lockers: cfg.Lockers, Workload: cfg.Workload, Mode: cfg.Mode, Tasks: cfg.Tasks, Slots: cfg.Slots,
-		Procs: cfg.Procs, Body: bodyString(cfg.Body), Rate: cfg.Rate, Dispatchers: cfg.Dispatchers,
+		Procs: cfg.Procs, Body: bodyString(cfg.Body), Rate: cfg.Rate, Dispatchers: cfg.Dispatchers, DispatchProcs: cfg.DispatchProcs,
 		Batch: cfg.Batch, StopAfter: cfg.StopAfter, Repeat: cfg.Repeat, PoolConns: cfg.PoolConns,
 		Conns: cfg.Conns, PgBouncer: cfg.PgBouncer, Seed: cfg.Seed, GOMAXPROCS: numCPU(),
 	}}
@@ -272,6 +274,9 @@ func (c *Config) check() error {
 	}
 	if c.Tasks < 1 || c.Dispatchers < 1 || c.Batch < 1 || c.Repeat < 1 || c.Rate < 0 || c.Body < 0 {
 		errs = append(errs, errors.New("-tasks, -dispatchers, -batch and -repeat must be positive; -rate and -body not negative"))
+	}
+	if c.DispatchProcs > 1 && (c.Mode != "stream" || c.DispatchProcs > c.Dispatchers) {
+		errs = append(errs, fmt.Errorf("-dispatch-procs %d: only with -mode stream, and at most -dispatchers (%d)", c.DispatchProcs, c.Dispatchers))
 	}
 	if c.Workload == "hot" && (c.Head < 1 || c.Head >= c.Tasks) {
 		errs = append(errs, fmt.Errorf("-head %d: need 1 <= head < tasks (%d)", c.Head, c.Tasks))
@@ -615,11 +620,15 @@ func (t *trial) dispatchMany(ctx context.Context, c *tasking.Client, b []tasking
 }
 
 // dispatchStream calls Dispatch once per task from cfg.Dispatchers loops,
-// paced to cfg.Rate tasks/s in all when it is set.
+// paced to cfg.Rate tasks/s in all when it is set, in this process or
+// spread over cfg.DispatchProcs child processes.
 func (t *trial) dispatchStream(ctx context.Context, c *tasking.Client, groups []group) error {
 	var all []tasking.TaskSpec
 	for _, g := range groups {
 		all = append(all, g.specs...)
+	}
+	if t.cfg.DispatchProcs > 1 {
+		return t.dispatchStreamProcs(ctx, all)
 	}
 	var next atomic.Int64
 	start := time.Now()

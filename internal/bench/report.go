@@ -63,6 +63,9 @@ func (rep *Report) Markdown(w io.Writer) {
 		} else {
 			fmt.Fprintf(w, ", %d dispatchers as fast as they can", c.Dispatchers)
 		}
+		if c.DispatchProcs > 1 {
+			fmt.Fprintf(w, " in %d processes", c.DispatchProcs)
+		}
 	} else {
 		fmt.Fprintf(w, ", dispatched in batches of %d", c.Batch)
 	}
