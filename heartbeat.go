@@ -32,7 +32,7 @@ func (r *run) heartbeat(ctx context.Context) {
 }
 
 func (r *run) beat(ctx context.Context) {
-	b, err := r.fleet.Beat(ctx, r.id, r.w.cfg.ttl)
+	b, err := r.fleet.Beat(ctx, r.id)
 	if err != nil {
 		if ctx.Err() == nil {
 			r.beatLog.failed(err)
@@ -115,7 +115,7 @@ func (r *run) sweep(ctx context.Context, owned []fleet.OwnedTask) {
 }
 
 func (r *run) cleanup(ctx context.Context) {
-	got, err := r.fleet.Cleanup(ctx, r.w.cfg.ttl)
+	got, err := r.fleet.Cleanup(ctx)
 	if err != nil {
 		if ctx.Err() == nil {
 			r.cleanLog.failed(err)
@@ -153,7 +153,7 @@ var (
 // resources waits behind it. Only the worker that won the cleanup looks,
 // and each name is reported at most once per unhandledEvery.
 func (r *run) warnUnhandled(ctx context.Context) {
-	names, err := r.fleet.Unhandled(ctx, r.w.cfg.ttl, unhandledAfter)
+	names, err := r.fleet.Unhandled(ctx, unhandledAfter)
 	if err != nil {
 		return // the next cleanup tries again
 	}

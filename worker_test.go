@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/require"
 
 	"github.com/tasking-go/tasking"
@@ -286,4 +287,37 @@ func TestStopAbandons(t *testing.T) {
 	got, err := c.Wait(ctx, next.ID)
 	require.NoError(t, err)
 	require.Equal(t, tasking.StateCompleted, got.State)
+}
+
+// TestCleanupUsesEachWorkersTTL: a worker is declared lost after its own
+// TTL, not after the TTL of the worker that happens to run the cleanup. A
+// fleet may mix TTLs (a rolling change of the setting, or workers tuned
+// differently); a worker with a 300 ms TTL cleaned up one with 30 s whose
+// last heartbeat was a second old, and its tasks failed "worker lost".
+func TestCleanupUsesEachWorkersTTL(t *testing.T) {
+	t.Parallel()
+	c := newClient(t)
+	ctx := ctxT(t, 30*time.Second)
+	pool := testdb.Pool(t, 2)
+	q := pgx.Identifier{c.Schema()}.Sanitize()
+	id := ghostWorker(t, pool, c.Schema(), "postgres")
+	_, err := pool.Exec(ctx, `UPDATE `+q+`.workers SET ttl_ms = 30000, heartbeat_at = now() - interval '2 seconds' WHERE id = $1`, id)
+	require.NoError(t, err)
+
+	w := tasking.NewWorker(c, tasking.WithHeartbeatTTL(300*time.Millisecond))
+	w.Handle("x", func(context.Context, *tasking.Task) error { return nil })
+	runWorker(t, w)
+	exists := func() bool {
+		var n int
+		require.NoError(t, pool.QueryRow(ctx, `SELECT count(*) FROM `+q+`.workers WHERE id = $1`, id).Scan(&n))
+		return n == 1
+	}
+	// Many cleanups of the short-TTL worker (one every 100 ms) pass.
+	time.Sleep(1500 * time.Millisecond) // waiting for something that must not happen
+	require.True(t, exists(), "a worker within its own TTL was cleaned up")
+
+	// Past its own TTL it goes.
+	_, err = pool.Exec(ctx, `UPDATE `+q+`.workers SET heartbeat_at = now() - interval '31 seconds' WHERE id = $1`, id)
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { return !exists() }, 10*time.Second, 20*time.Millisecond)
 }

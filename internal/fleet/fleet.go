@@ -78,8 +78,8 @@ func (s *Store) Register(ctx context.Context, w Worker, ttl time.Duration) (id i
 			return err
 		}
 		rows, err := tx.Query(ctx, `SELECT id, name, host, pid, locker FROM `+s.q+`.workers
-			WHERE heartbeat_at > now() - $1::interval AND (locker <> $2 OR name = $3)`,
-			ttl.String(), w.Locker, w.Name)
+			WHERE `+live+` AND (locker <> $1 OR name = $2)`,
+			w.Locker, w.Name)
 		if err != nil {
 			return err
 		}
@@ -151,18 +151,18 @@ type OwnedTask struct {
 }
 
 // Beat records a heartbeat for id.
-func (s *Store) Beat(ctx context.Context, id int64, ttl time.Duration) (Beat, error) {
+func (s *Store) Beat(ctx context.Context, id int64) (Beat, error) {
 	var b Beat
 	row := s.pool.QueryRow(ctx, `WITH hb AS (
 			UPDATE `+s.q+`.workers SET heartbeat_at = now() WHERE id = $1 RETURNING id
 		)
 		SELECT EXISTS (SELECT 1 FROM hb),
-		       (SELECT count(*) FROM `+s.q+`.workers WHERE heartbeat_at > now() - $2::interval),
+		       (SELECT count(*) FROM `+s.q+`.workers WHERE `+live+`),
 		       coalesce(array_agg(t.id), '{}'), coalesce(array_agg(t.epoch), '{}'),
 		       coalesce(array_agg(t.state = 'canceling'), '{}')
 		FROM (SELECT id, epoch, state FROM `+s.q+`.tasks
 		      WHERE worker_id = $1 AND state IN ('running', 'canceling')) t`,
-		id, ttl.String())
+		id)
 	var ids []int64
 	var epochs []int32
 	var canceling []bool
@@ -195,18 +195,18 @@ type Unhandled struct {
 }
 
 // Unhandled returns the names among the oldest 1,000 ready tasks that no
-// worker with a heartbeat within ttl handles, and that have waited longer
+// live worker (a heartbeat within its own TTL) handles, and that have waited longer
 // than age. A task nobody handles stays ready, and so it is among the
 // oldest; reading only those keeps this cheap however long the backlog.
-func (s *Store) Unhandled(ctx context.Context, ttl, age time.Duration) ([]Unhandled, error) {
+func (s *Store) Unhandled(ctx context.Context, age time.Duration) ([]Unhandled, error) {
 	rows, err := s.pool.Query(ctx, `SELECT t.name, min(t.created_at), count(*)
 		  FROM (SELECT name, created_at FROM `+s.q+`.tasks
 		         WHERE state = 'waiting' AND blockers = 0 ORDER BY id LIMIT 1000) t
 		 WHERE NOT EXISTS (SELECT 1 FROM `+s.q+`.workers w
-		                    WHERE t.name = ANY (w.handles) AND w.heartbeat_at > now() - $1::interval)
+		                    WHERE t.name = ANY (w.handles) AND w.`+live+`)
 		 GROUP BY t.name
-		HAVING min(t.created_at) < now() - $2::interval
-		 ORDER BY 2`, ttl.String(), age.String())
+		HAVING min(t.created_at) < now() - $1::interval
+		 ORDER BY 2`, age.String())
 	if err != nil {
 		return nil, err
 	}
@@ -238,10 +238,16 @@ type Reaped struct {
 	Ready    int     // waiting tasks that became ready as the settled ones left their lines
 }
 
-// Cleanup removes workers missed for ttl and settles their tasks, and
+// live is the condition on a workers row for a live worker: a heartbeat
+// within the worker's own TTL.
+const live = `heartbeat_at > now() - ttl_ms * interval '1 ms'`
+
+// Cleanup removes workers missed for their own TTL (workers.ttl_ms: a
+// fleet may mix TTLs, and a worker must not be judged by a shorter one
+// than it heartbeats for) and settles their tasks, and
 // settles running tasks whose worker row is gone. It does nothing (and
 // returns a zero Reaped) when another worker is cleaning up right now.
-func (s *Store) Cleanup(ctx context.Context, ttl time.Duration) (Reaped, error) {
+func (s *Store) Cleanup(ctx context.Context) (Reaped, error) {
 	var r Reaped
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		var won bool
@@ -249,7 +255,7 @@ func (s *Store) Cleanup(ctx context.Context, ttl time.Duration) (Reaped, error) 
 			return err
 		}
 		r.Won = true
-		rows, err := tx.Query(ctx, `DELETE FROM `+s.q+`.workers WHERE heartbeat_at < now() - $1::interval RETURNING id`, ttl.String())
+		rows, err := tx.Query(ctx, `DELETE FROM `+s.q+`.workers WHERE heartbeat_at < now() - ttl_ms * interval '1 ms' RETURNING id`)
 		if err != nil {
 			return err
 		}
