@@ -406,12 +406,14 @@ func (r errRow) Scan(...any) error { return r.err }
 
 // retryConflict runs f, a single statement that commits on its own, again
 // when PostgreSQL aborted it for a deadlock or a serialization failure (up
-// to five times, with growing jittered pauses). Statements that settle a
-// task from the client side (cancel, a group's cancel, an immediate task's
-// finish) lock the task's row and then its line entries, while a worker's
-// step hands a line on in the other order; PostgreSQL breaks such a cycle
-// by aborting one side, and an aborted statement changed nothing, so running
-// it again is safe.
+// to five times, with growing jittered pauses). Statements that settle
+// tasks from the client side (cancel, a group's cancel, an immediate task's
+// finish) lock task rows and line entries that a worker's step may be
+// handing on at the same time; they take them in the step's order (entries
+// first, schema version 7), but a task on several lines, or a group's
+// several tasks, can still meet two steps in other orders. PostgreSQL
+// breaks such a cycle by aborting one side, and an aborted statement changed
+// nothing, so running it again is safe.
 func retryConflict(ctx context.Context, f func() error) error {
 	for attempt := 0; ; attempt++ {
 		err := f()

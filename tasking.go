@@ -634,9 +634,10 @@ func (c *Client) Cancel(ctx context.Context, id int64) error {
 // workers just after it returns, in the background; a program that
 // dispatches and then closes the pool or exits at once calls Close first,
 // or the workers find its last tasks only at their next poll. After Close
-// the client still dispatches, reads and cancels, but sends no wake-ups
-// for autocommitted dispatches. It does not close the pool, which the
-// caller owns, nor stop a Worker built on the client (Run does that).
+// the client still dispatches, reads and cancels, but sends no more
+// wake-ups in the background (workers then find such tasks at their next
+// poll). It does not close the pool, which the caller owns, nor stop a
+// Worker built on the client (Run does that).
 func (c *Client) Close(ctx context.Context) error {
 	if err := c.bus.flush(ctx); err != nil {
 		return fmt.Errorf("tasking: close: %w", err)
