@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/tasking-go/tasking/internal/fleet"
 )
 
 // Stats is a picture of the queue and the fleet, taken in one transaction
@@ -84,7 +86,7 @@ func (c *Client) nameStats(ctx context.Context, tx pgx.Tx, states map[State]int6
 	rows, err := tx.Query(ctx, `SELECT t.name, t.state, count(*),
 		       coalesce(extract(epoch FROM now() - min(t.created_at) FILTER (WHERE t.state = 'waiting')), 0),
 		       t.state = 'waiting' AND NOT EXISTS (SELECT 1 FROM `+s+`.workers w
-		                                           WHERE t.name = ANY (w.handles) AND `+liveWorkers+`)
+		                                           WHERE t.name = ANY (w.handles) AND `+fleet.Live+`)
 		  FROM `+s+`.tasks t GROUP BY t.name, t.state ORDER BY t.name, t.state`)
 	if err != nil {
 		return nil, err
@@ -115,7 +117,7 @@ func (c *Client) workers(ctx context.Context, db querier) ([]WorkerInfo, error) 
 	s := pgx.Identifier{c.schema}.Sanitize()
 	rows, err := db.Query(ctx, `SELECT w.id, w.name, w.host, w.pid, w.locker, w.handles, w.slots,
 		       (SELECT count(*) FROM `+s+`.tasks t WHERE t.worker_id = w.id AND t.state IN ('running', 'canceling')),
-		       w.started_at, w.heartbeat_at, w.ttl_ms, `+liveWorkers+`
+		       w.started_at, w.heartbeat_at, w.ttl_ms, `+fleet.Live+`
 		  FROM `+s+`.workers w ORDER BY w.name, w.id`)
 	if err != nil {
 		return nil, err
@@ -144,9 +146,6 @@ func (c *Client) Workers(ctx context.Context) ([]WorkerInfo, error) {
 	}
 	return ws, nil
 }
-
-// liveWorkers is the condition, on workers aliased w, of a live worker.
-const liveWorkers = `w.heartbeat_at > now() - w.ttl_ms * interval '1 ms'`
 
 func sortedCopy(s []string) []string {
 	s = slices.Clone(s)

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/tasking-go/tasking/internal/fleet"
 )
 
 // WaitReport says why a task has not started ([Client.WhyWaiting]).
@@ -84,8 +86,8 @@ func (c *Client) WhyWaiting(ctx context.Context, id int64) (*WaitReport, error) 
 		rep.Task = t
 		s := pgx.Identifier{c.schema}.Sanitize()
 		var handlers int
-		if err := tx.QueryRow(ctx, `SELECT count(*) FILTER (WHERE `+liveWorkers+`),
-			       count(*) FILTER (WHERE `+liveWorkers+` AND $1 = ANY (w.handles))
+		if err := tx.QueryRow(ctx, `SELECT count(*) FILTER (WHERE `+fleet.Live+`),
+			       count(*) FILTER (WHERE `+fleet.Live+` AND $1 = ANY (w.handles))
 			  FROM `+s+`.workers w`, t.Name).Scan(&rep.LiveWorkers, &handlers); err != nil {
 			return err
 		}

@@ -4,8 +4,8 @@
 // Every worker sends a heartbeat (the database clock) every TTL/3 from its
 // own goroutine. Cleanup is leaderless: every worker tries it on its
 // heartbeat, and whichever wins a transaction-scoped try-lock does it. It
-// removes workers missed for a TTL, fails their running tasks with "worker
-// lost", and ends their canceling tasks as canceled. A worker is therefore
+// removes workers missed for their own TTL, fails their running tasks with
+// "worker lost", and ends their canceling tasks as canceled. A worker is therefore
 // declared gone within one TTL plus one heartbeat period.
 //
 // A worker that was declared gone but is still alive (a paused process) sees
@@ -77,8 +77,8 @@ func (s *Store) Register(ctx context.Context, w Worker, ttl time.Duration) (id i
 		if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock($1)", s.regKey); err != nil {
 			return err
 		}
-		rows, err := tx.Query(ctx, `SELECT id, name, host, pid, locker FROM `+s.q+`.workers
-			WHERE `+live+` AND (locker <> $1 OR name = $2)`,
+		rows, err := tx.Query(ctx, `SELECT id, name, host, pid, locker FROM `+s.q+`.workers w
+			WHERE `+Live+` AND (locker <> $1 OR name = $2)`,
 			w.Locker, w.Name)
 		if err != nil {
 			return err
@@ -157,7 +157,7 @@ func (s *Store) Beat(ctx context.Context, id int64) (Beat, error) {
 			UPDATE `+s.q+`.workers SET heartbeat_at = now() WHERE id = $1 RETURNING id
 		)
 		SELECT EXISTS (SELECT 1 FROM hb),
-		       (SELECT count(*) FROM `+s.q+`.workers WHERE `+live+`),
+		       (SELECT count(*) FROM `+s.q+`.workers w WHERE `+Live+`),
 		       coalesce(array_agg(t.id), '{}'), coalesce(array_agg(t.epoch), '{}'),
 		       coalesce(array_agg(t.state = 'canceling'), '{}')
 		FROM (SELECT id, epoch, state FROM `+s.q+`.tasks
@@ -203,7 +203,7 @@ func (s *Store) Unhandled(ctx context.Context, age time.Duration) ([]Unhandled, 
 		  FROM (SELECT name, created_at FROM `+s.q+`.tasks
 		         WHERE state = 'waiting' AND blockers = 0 ORDER BY id LIMIT 1000) t
 		 WHERE NOT EXISTS (SELECT 1 FROM `+s.q+`.workers w
-		                    WHERE t.name = ANY (w.handles) AND w.`+live+`)
+		                    WHERE t.name = ANY (w.handles) AND `+Live+`)
 		 GROUP BY t.name
 		HAVING min(t.created_at) < now() - $1::interval
 		 ORDER BY 2`, age.String())
@@ -238,9 +238,9 @@ type Reaped struct {
 	Ready    int     // waiting tasks that became ready as the settled ones left their lines
 }
 
-// live is the condition on a workers row for a live worker: a heartbeat
-// within the worker's own TTL.
-const live = `heartbeat_at > now() - ttl_ms * interval '1 ms'`
+// Live is the condition on a workers row, aliased w, for a live worker: a
+// heartbeat within the worker's own TTL.
+const Live = `w.heartbeat_at > now() - w.ttl_ms * interval '1 ms'`
 
 // Cleanup removes workers missed for their own TTL (workers.ttl_ms: a
 // fleet may mix TTLs, and a worker must not be judged by a shorter one
