@@ -637,41 +637,11 @@ func (t *trial) dispatchStream(ctx context.Context, c *tasking.Client, groups []
 	for _, g := range groups {
 		all = append(all, g.specs...)
 	}
+	tasks := streamTasks(all)
 	if t.cfg.DispatchProcs > 1 {
-		return t.dispatchStreamProcs(ctx, all)
+		return t.dispatchStreamProcs(ctx, tasks)
 	}
-	var next atomic.Int64
-	start := time.Now()
-	errc := make(chan error, t.cfg.Dispatchers)
-	var wg sync.WaitGroup
-	for range t.cfg.Dispatchers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := next.Add(1) - 1
-				if i >= int64(len(all)) {
-					return
-				}
-				if t.cfg.Rate > 0 {
-					due := start.Add(time.Duration(float64(i) / t.cfg.Rate * float64(time.Second)))
-					if err := sleep(ctx, time.Until(due)); err != nil {
-						errc <- err
-						return
-					}
-				}
-				s := all[i]
-				if _, err := c.Dispatch(ctx, s.Name, s.Args, tasking.Exclusive(s.Exclusive...), tasking.Shared(s.Shared...)); err != nil {
-					errc <- fmt.Errorf("dispatch: %w", err)
-					return
-				}
-				t.dispatched.Add(1)
-			}
-		}()
-	}
-	wg.Wait()
-	close(errc)
-	return <-errc
+	return dispatchPaced(ctx, c, tasks, t.cfg.Dispatchers, t.cfg.Rate, time.Now(), &t.dispatched)
 }
 
 // waitDone waits until the fleet's handlers have run target tasks, or

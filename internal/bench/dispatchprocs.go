@@ -56,7 +56,7 @@ type dispatchMsg struct {
 // dispatchStreamProcs runs the stream from cfg.DispatchProcs child
 // processes, cfg.Dispatchers loops in all, and adds what they report to
 // t.dispatched as they go.
-func (t *trial) dispatchStreamProcs(ctx context.Context, all []tasking.TaskSpec) error {
+func (t *trial) dispatchStreamProcs(ctx context.Context, all []streamTask) error {
 	n := t.cfg.DispatchProcs
 	exe, err := os.Executable()
 	if err != nil {
@@ -74,8 +74,7 @@ func (t *trial) dispatchStreamProcs(ctx context.Context, all []tasking.TaskSpec)
 			spec.Dispatchers++
 		}
 		for i := k; i < len(all); i += n {
-			s := all[i]
-			spec.Tasks = append(spec.Tasks, streamTask{Seq: int64(i), Name: s.Name, Exclusive: s.Exclusive, Shared: s.Shared})
+			spec.Tasks = append(spec.Tasks, all[i])
 		}
 		js, err := json.Marshal(spec)
 		if err != nil {
@@ -119,6 +118,52 @@ func (t *trial) dispatchStreamProcs(ctx context.Context, all []tasking.TaskSpec)
 	wg.Wait()
 	close(errc)
 	return errors.Join(drain(errc)...)
+}
+
+// dispatchPaced calls Dispatch once per task from loops goroutines; with
+// rate > 0, a task is due at start + Seq/rate. done counts the dispatched.
+func dispatchPaced(ctx context.Context, c *tasking.Client, tasks []streamTask, loops int, rate float64, start time.Time, done *atomic.Int64) error {
+	var next atomic.Int64
+	errc := make(chan error, loops)
+	var wg sync.WaitGroup
+	for range loops {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := next.Add(1) - 1
+				if i >= int64(len(tasks)) {
+					return
+				}
+				s := tasks[i]
+				if rate > 0 {
+					due := start.Add(time.Duration(float64(s.Seq) / rate * float64(time.Second)))
+					if err := sleep(ctx, time.Until(due)); err != nil {
+						errc <- err
+						return
+					}
+				}
+				if _, err := c.Dispatch(ctx, s.Name, nil, tasking.Exclusive(s.Exclusive...), tasking.Shared(s.Shared...)); err != nil {
+					errc <- fmt.Errorf("dispatch: %w", err)
+					return
+				}
+				done.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errc)
+	return <-errc
+}
+
+// streamTasks is the stream of specs, numbered in order. The workloads
+// dispatch no arguments.
+func streamTasks(specs []tasking.TaskSpec) []streamTask {
+	out := make([]streamTask, len(specs))
+	for i, s := range specs {
+		out[i] = streamTask{Seq: int64(i), Name: s.Name, Exclusive: s.Exclusive, Shared: s.Shared}
+	}
+	return out
 }
 
 func drain(errc <-chan error) []error {
@@ -186,37 +231,7 @@ func dispatchChild(ctx context.Context, spec dispatchSpec, done *atomic.Int64, r
 	if err := sleep(ctx, time.Until(spec.Start)); err != nil {
 		return err
 	}
-	var next atomic.Int64
-	errc := make(chan error, spec.Dispatchers)
-	var wg sync.WaitGroup
-	for range spec.Dispatchers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := next.Add(1) - 1
-				if i >= int64(len(spec.Tasks)) {
-					return
-				}
-				s := spec.Tasks[i]
-				if spec.Rate > 0 {
-					due := spec.Start.Add(time.Duration(float64(s.Seq) / spec.Rate * float64(time.Second)))
-					if err := sleep(ctx, time.Until(due)); err != nil {
-						errc <- err
-						return
-					}
-				}
-				if _, err := c.Dispatch(ctx, s.Name, nil, tasking.Exclusive(s.Exclusive...), tasking.Shared(s.Shared...)); err != nil {
-					errc <- fmt.Errorf("dispatch: %w", err)
-					return
-				}
-				done.Add(1)
-			}
-		}()
-	}
-	wg.Wait()
-	close(errc)
-	if err := <-errc; err != nil {
+	if err := dispatchPaced(ctx, c, spec.Tasks, spec.Dispatchers, spec.Rate, spec.Start, done); err != nil {
 		return err
 	}
 	// The last wake-ups go out before the pool closes.
