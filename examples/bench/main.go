@@ -51,6 +51,8 @@ func main() {
 	flag.IntVar(&cfg.PgBouncer, "pgbouncer", 0, "N > 0: start a throwaway PgBouncer (transaction pooling, N server connections) and point the worker processes at it; dispatch and measurement stay direct")
 	flag.IntVar(&cfg.Conns, "conns", 0, "connections of each worker process (tasking.WithConnections; 0: its default, 1, or 2 from 32 slots)")
 	flag.DurationVar(&cfg.Poll, "poll", time.Second, "workers' fallback poll interval (tasking.WithPollInterval)")
+	flag.IntVar(&cfg.WorkerMaxProcs, "worker-maxprocs", 0, "GOMAXPROCS of each worker process (0: Go's default, the machine's cores)")
+	flag.DurationVar(&cfg.RedisKeepAlive, "redis-keepalive", 0, "the worker processes' rueidis Dialer.KeepAlive, also its idle PING interval (0: rueidis's default, 1s)")
 	flag.StringVar(&cfg.Out, "out", "bench", "prefix of the output files <out>.json and <out>.svg")
 	flag.StringVar(&cfg.DSN, "dsn", "", "PostgreSQL URL (default $TASKING_DATABASE_URL, else "+dsnFallback+")")
 	flag.StringVar(&cfg.Redis, "redis", "", "Redis address (default $TASKING_REDIS_ADDR, else 127.0.0.1:6379)")

@@ -62,6 +62,9 @@ type Config struct {
 	LogLevel      string
 	Progress      io.Writer // live progress line; nil: none
 	PgBouncer     int       // >0: the workers go through a throwaway PgBouncer with this many server connections
+	// Deployment settings of the worker processes (0: the defaults).
+	WorkerMaxProcs int           // GOMAXPROCS of each worker process
+	RedisKeepAlive time.Duration // the workers' rueidis Dialer.KeepAlive, which is also its idle PING interval (default 1s)
 }
 
 // Result is one trial: one locker draining one workload once.
@@ -150,6 +153,8 @@ type reportConfig struct {
 	PgBouncerV    string   `json:"pgbouncer_version,omitempty"`
 	Seed          uint64   `json:"seed"`
 	GOMAXPROCS    int      `json:"cores"`
+	WorkerProcs   int      `json:"worker_gomaxprocs,omitempty"`
+	KeepAlive     string   `json:"redis_keepalive,omitempty"`
 }
 
 // Run runs every trial and returns the report. Each trial works in a schema
@@ -169,7 +174,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	defer mon.Close()
 	var redis *redisEnv
 	if slices.Contains(cfg.Lockers, "redis") {
-		if redis, err = openRedis(ctx, cfg.Redis); err != nil {
+		if redis, err = openRedis(ctx, cfg.Redis, 0); err != nil {
 			return nil, err
 		}
 		defer redis.close()
@@ -196,7 +201,11 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		Procs: cfg.Procs, Body: bodyString(cfg.Body), Rate: cfg.Rate, Dispatchers: cfg.Dispatchers, DispatchProcs: cfg.DispatchProcs,
 		Batch: cfg.Batch, StopAfter: cfg.StopAfter, Repeat: cfg.Repeat, PoolConns: cfg.PoolConns,
 		Conns: cfg.Conns, PgBouncer: cfg.PgBouncer, Seed: cfg.Seed, GOMAXPROCS: numCPU(),
+		WorkerProcs: cfg.WorkerMaxProcs,
 	}}
+	if cfg.RedisKeepAlive > 0 {
+		rep.Config.KeepAlive = cfg.RedisKeepAlive.String()
+	}
 	if cfg.MaxDrain > 0 {
 		rep.Config.MaxDrain = cfg.MaxDrain.String()
 	}
@@ -392,7 +401,8 @@ func (t *trial) run(ctx context.Context) (res *Result, err error) {
 		}
 		specs[i] = workerSpec{DSN: cfg.DSN, Schema: t.schema, Locker: t.locker, Redis: cfg.Redis,
 			Namespace: t.schema, Slots: slots, PoolConns: cfg.PoolConns, Conns: cfg.Conns, Body: cfg.Body, Poll: cfg.Poll,
-			Index: i, LogLevel: cfg.LogLevel}
+			Index: i, LogLevel: cfg.LogLevel, Progress: sampleEvery(cfg.Procs),
+			MaxProcs: cfg.WorkerMaxProcs, RedisKeepAlive: cfg.RedisKeepAlive}
 		if t.bouncer != nil {
 			specs[i].DSN, specs[i].PgBouncer = t.bouncer.dsn, true
 		}

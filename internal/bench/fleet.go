@@ -116,6 +116,9 @@ func (p *proc) spawn(s workerSpec, onConn func(connEvent, int)) error {
 	js, _ := json.Marshal(s)
 	cmd := exec.Command(exe)
 	cmd.Env = append(os.Environ(), ChildEnv+"="+string(js))
+	if s.MaxProcs > 0 {
+		cmd.Env = append(cmd.Env, fmt.Sprintf("GOMAXPROCS=%d", s.MaxProcs))
+	}
 	cmd.Stderr = os.Stderr
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {

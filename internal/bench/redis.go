@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/redis/rueidis"
 
@@ -18,8 +19,10 @@ type redisEnv struct {
 	rdb rueidis.Client
 }
 
-func openRedis(ctx context.Context, addr string) (*redisEnv, error) {
-	rdb, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{addr}})
+func openRedis(ctx context.Context, addr string, keepAlive time.Duration) (*redisEnv, error) {
+	opt := rueidis.ClientOption{InitAddress: []string{addr}}
+	opt.Dialer.KeepAlive = keepAlive // 0: rueidis's default
+	rdb, err := rueidis.NewClient(opt)
 	if err != nil {
 		return nil, fmt.Errorf("redis at %s: %w", addr, err)
 	}

@@ -54,6 +54,12 @@ func (rep *Report) Markdown(w io.Writer) {
 		fmt.Fprintf(w, " (head %d on one name, %d behind it)", c.Head, c.Tasks-c.Head)
 	}
 	fmt.Fprintf(w, ", body %s, %d slots in %d worker process(es), %d cores", c.Body, c.Slots, c.Procs, c.GOMAXPROCS)
+	if c.WorkerProcs > 0 {
+		fmt.Fprintf(w, ", GOMAXPROCS=%d in each worker process", c.WorkerProcs)
+	}
+	if c.KeepAlive != "" {
+		fmt.Fprintf(w, ", rueidis keep-alive %s", c.KeepAlive)
+	}
 	if c.PgBouncer > 0 {
 		fmt.Fprintf(w, ", workers through PgBouncer (%s, transaction pooling, %d server connections)", c.PgBouncerV, c.PgBouncer)
 	}

@@ -93,7 +93,7 @@ func retentionRun(ctx context.Context, cfg RetentionConfig, lockerName string, p
 	}()
 	opts := []tasking.Option{tasking.WithSchema(schema), tasking.WithLogger(logger("warn"))}
 	if lockerName == "redis" {
-		env, err := openRedis(ctx, cfg.Redis)
+		env, err := openRedis(ctx, cfg.Redis, 0)
 		if err != nil {
 			return rep, err
 		}
