@@ -117,8 +117,13 @@ type Result struct {
 	// be skipped, so every claim reads the entries of every task claimed
 	// since it began (60,000-task mix, a 2-minute idle transaction elsewhere:
 	// 7,800 index entries read per claim, 1,746 tasks/s instead of 8,600).
-	OtherXact      float64 `json:"other_session_oldest_transaction_seconds"`
-	DrainWall      float64 `json:"drain_wall_seconds"`
+	OtherXact float64 `json:"other_session_oldest_transaction_seconds"`
+	DrainWall float64 `json:"drain_wall_seconds"`
+	// With several worker processes: tasks/s from the moment every one of
+	// them had started a task (SteadyFrom seconds after the first start)
+	// to the last finish.
+	SteadyRate     float64 `json:"steady_tasks_per_s,omitempty"`
+	SteadyFrom     float64 `json:"steady_from_s,omitempty"`
 	Buckets        []int   `json:"finished_per_100ms"`
 	BucketsOf      string  `json:"buckets_of"` // which tasks the buckets count
 	WorkersStarted time.Time
@@ -555,6 +560,15 @@ func (t *trial) run(ctx context.Context) (res *Result, err error) {
 		res.StmtPerTask = float64(res.Stmts.total()) / done
 		res.RedisPerTask = float64(res.RedisClientTotal) / done
 		res.RedisServerPer = float64(res.RedisServer) / done
+	}
+	if cfg.Procs > 1 {
+		rate, from, ok, err := steadyStats(ctx, t.mon, t.schema, cfg.Procs, res.All)
+		if err != nil {
+			return nil, err
+		}
+		if ok {
+			res.SteadyRate, res.SteadyFrom = rate, from
+		}
 	}
 	res.BucketsOf = "all tasks"
 	if res.Buckets, err = buckets(ctx, t.mon, t.schema, res.All.FirstStart); err != nil {

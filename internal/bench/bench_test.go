@@ -104,6 +104,10 @@ func TestScalingMarkdown(t *testing.T) {
 		return scalingRun{Rate: rate, ConnsOne: one, ConnsAll: all,
 			Tasking: &Result{StmtPerTask: stmts, All: groupStats{Completed: 100, Tasks: 200}}}
 	}
+	steady := func(r scalingRun, rate, from float64) scalingRun {
+		r.Tasking.SteadyRate, r.Tasking.SteadyFrom = rate, from
+		return r
+	}
 	rep := &ScalingReport{Config: scalingConfig{Procs: []int{1, 4}, Slots: 80, Tasks: 30000, Repeat: 3,
 		FleetBody: "300ms", FleetDrain: "1m0s", BouncerPool: 20, Cores: 2}}
 	rep.Cells = []*scalingCell{
@@ -111,7 +115,7 @@ func TestScalingMarkdown(t *testing.T) {
 		{Scenario: "noop", System: "pg", Procs: 4, Runs: []scalingRun{run(700, 0.5, 4, 15), {Err: "worker process 3 did not start"}}},
 		{Scenario: "noop", System: "river", Procs: 1, Runs: []scalingRun{{Rate: 5000, ConnsOne: 4, ConnsAll: 4,
 			River: &riverResult{Version: "v0.51.2"}}}},
-		{Scenario: "fleet", System: "redis", Procs: 80, Runs: []scalingRun{run(133.5, 4.8, 2, 160)}},
+		{Scenario: "fleet", System: "redis", Procs: 80, Runs: []scalingRun{steady(run(133.5, 4.8, 2, 160), 200, 5.24)}},
 		{Scenario: "fleet-pgbouncer", System: "redis", Procs: 200, Runs: []scalingRun{{Err: "every worker process ended"}}},
 	}
 	var b strings.Builder
@@ -122,7 +126,7 @@ func TestScalingMarkdown(t *testing.T) {
 		"| noop | River v0.51.2 | **5,000** | – |",
 		"| noop | tasking, PostgreSQL locker | 0.200 | 0.500 |",
 		"| noop | tasking, PostgreSQL locker | 5 / 5 | 4 / 15 |",
-		"| 80 procs × 1, direct | tasking, Redis locker | **134** | 50% of 267 | 100 / 200 | 4.80 |",
+		"| 80 procs × 1, direct | tasking, Redis locker | **134** | 50% of 267 | 200, 75% (5.2 s) | 100 / 200 | 4.80 |",
 		"| 200 procs × 1, PgBouncer, 20 server conns | tasking, Redis locker | failed (1 of 1 failed [2]) |",
 		"1. noop, tasking, PostgreSQL locker, 4 procs: worker process 3 did not start",
 	} {

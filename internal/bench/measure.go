@@ -63,6 +63,30 @@ func tableStats(ctx context.Context, mon *pgxpool.Pool, schema string) (all grou
 	return all, byName, rows.Err()
 }
 
+// steadyStats is the rate of a fleet once every worker process is running:
+// from the moment the last of procs workers started its first task (from
+// takes that many seconds after the first start) to the last finish. A
+// fleet's first seconds are the start-up of its processes (connections,
+// the first statements' plans); a fleet that runs for hours sees the
+// steady rate. ok is false when fewer than procs workers started a task.
+func steadyStats(ctx context.Context, mon *pgxpool.Pool, schema string, procs int, all groupStats) (rate, from float64, ok bool, err error) {
+	q := pgx.Identifier{schema}.Sanitize()
+	var workers int
+	var last time.Time
+	err = mon.QueryRow(ctx, `SELECT count(*), coalesce(max(first), 'epoch')
+		FROM (SELECT min(started_at) AS first FROM `+q+`.tasks
+		       WHERE worker_id IS NOT NULL AND started_at IS NOT NULL GROUP BY worker_id) f`).Scan(&workers, &last)
+	if err != nil || workers < procs || !last.Before(all.LastFinish) {
+		return 0, 0, false, err
+	}
+	var n int64
+	if err = mon.QueryRow(ctx, `SELECT count(*) FROM `+q+`.tasks
+		WHERE state = 'completed' AND finished_at > $1 AND finished_at <= $2`, last, all.LastFinish).Scan(&n); err != nil {
+		return 0, 0, false, err
+	}
+	return float64(n) / all.LastFinish.Sub(last).Seconds(), last.Sub(all.FirstStart).Seconds(), true, nil
+}
+
 // buckets counts the tasks finished in each 100 ms from t0.
 func buckets(ctx context.Context, mon *pgxpool.Pool, schema string, t0 time.Time) ([]int, error) {
 	q := pgx.Identifier{schema}.Sanitize()

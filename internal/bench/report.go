@@ -132,6 +132,14 @@ func (rep *Report) Markdown(w io.Writer) {
 		return s
 	})
 	row("first start → last finish", func(_ *column, m *Result) string { return fmt.Sprintf("%.2f s", m.All.Seconds) })
+	if c.Procs > 1 && c.Workload != "hot" {
+		row("tasks/s once every worker process ran (from)", func(_ *column, m *Result) string {
+			if m.SteadyRate == 0 {
+				return "–"
+			}
+			return fmt.Sprintf("%s (%.1f s)", num(m.SteadyRate), m.SteadyFrom)
+		})
+	}
 	waitOf := func(m *Result) groupStats {
 		if g, ok := m.ByName[nameTail]; ok {
 			return g

@@ -350,8 +350,8 @@ func (rep *ScalingReport) Markdown(w io.Writer) {
 	if len(fleets) > 0 {
 		fmt.Fprintf(w, "## Pulp's fleet: one slot per process, each task exclusive on a name of its own, %s bodies; drain capped at %s; median of %d\n\n",
 			c.FleetBody, c.FleetDrain, c.Repeat)
-		fmt.Fprintln(w, "| fleet | locker | tasks/s | of the ideal | completed | PG statements / task | connection errors: workers / dispatch | peak PG connections per worker process | peak PG connections of the workers | worker processes ended early |")
-		fmt.Fprintln(w, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+		fmt.Fprintln(w, "| fleet | locker | tasks/s | of the ideal | once every process ran: tasks/s (from) | completed | PG statements / task | connection errors: workers / dispatch | peak PG connections per worker process | peak PG connections of the workers | worker processes ended early |")
+		fmt.Fprintln(w, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 		for _, cl := range fleets {
 			ideal := 0.0
 			if d, err := time.ParseDuration(c.FleetBody); err == nil && d > 0 {
@@ -364,7 +364,7 @@ func (rep *ScalingReport) Markdown(w io.Writer) {
 			fmt.Fprintf(w, "| %d procs × 1, %s | %s |", cl.Procs, how, rep.systemName(cl.System))
 			m, ok := cl.median()
 			if !ok {
-				fmt.Fprintf(w, " failed%s | | | | | | | |\n", note(cl))
+				fmt.Fprintf(w, " failed%s | | | | | | | | |\n", note(cl))
 				continue
 			}
 			x := m.Tasking
@@ -374,8 +374,12 @@ func (rep *ScalingReport) Markdown(w io.Writer) {
 				conns = fmt.Sprintf("– (%d to PgBouncer)", m.ConnsOne)
 				all = fmt.Sprintf("%d (PgBouncer's)", m.ConnsAll)
 			}
-			fmt.Fprintf(w, " %s%s | %.0f%% of %s | %d / %d | %.2f | %d / %d | %s | %s | %d |\n",
-				rateRange(cl, m), note(cl), 100*m.Rate/ideal, num(ideal), x.All.Completed, x.All.Tasks, x.StmtPerTask,
+			steady := "–"
+			if x.SteadyRate > 0 {
+				steady = fmt.Sprintf("%s, %.0f%% (%.1f s)", num(x.SteadyRate), 100*x.SteadyRate/ideal, x.SteadyFrom)
+			}
+			fmt.Fprintf(w, " %s%s | %.0f%% of %s | %s | %d / %d | %.2f | %d / %d | %s | %s | %d |\n",
+				rateRange(cl, m), note(cl), 100*m.Rate/ideal, num(ideal), steady, x.All.Completed, x.All.Tasks, x.StmtPerTask,
 				x.ConnErrors, x.DispatchConnEr, conns, all, len(x.LostProcs))
 		}
 		fmt.Fprintln(w)
