@@ -115,7 +115,9 @@ func (r *run) sweep(ctx context.Context, owned []fleet.OwnedTask) {
 }
 
 func (r *run) cleanup(ctx context.Context) {
-	got, err := r.fleet.Cleanup(ctx)
+	// A little under the heartbeat period: a lone worker cleans up on each
+	// of its heartbeats, a fleet about as often in all.
+	got, err := r.fleet.Cleanup(ctx, r.w.cfg.ttl/4)
 	if err != nil {
 		if ctx.Err() == nil {
 			r.cleanLog.failed(err)

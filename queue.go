@@ -15,6 +15,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/tasking-go/tasking/internal/fleet"
 )
 
 // querier is what the store needs: a pool, a connection or a transaction.
@@ -93,7 +95,7 @@ func newQueries(schema string) queries {
 		finals: `SELECT ` + taskCols + ` FROM ` + s + `.tasks
 			WHERE id = ANY($1) AND state IN ('completed', 'failed', 'canceled')`,
 		purge:       purgeSQL(s),
-		claimPeriod: claimPeriodSQL(s),
+		claimPeriod: fleet.ClaimPeriodSQL(s),
 		byIDs:       `SELECT ` + taskCols + ` FROM ` + s + `.tasks WHERE id = ANY($1)`,
 		step: `SELECT kind, id, name, args, exclusive, shared, epoch, created_at, started_at, timeout_ms, attempt, retry, unique_key, run_at
 			FROM ` + s + `.step($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)`,

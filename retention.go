@@ -125,16 +125,6 @@ func (rt *Retention) validate() error {
 // retainJob is the retention's row in the maintenance table.
 const retainJob = "retention"
 
-// claimPeriodSQL marks a fleet job as run now if its last run is at least
-// $2 ms ago (or it never ran), and returns a row only then: of several
-// workers asking in one period, exactly one gets it.
-func claimPeriodSQL(s string) string {
-	return `INSERT INTO ` + s + `.maintenance AS m (job, last_run) VALUES ($1, now())
-		ON CONFLICT (job) DO UPDATE SET last_run = now()
-		 WHERE m.last_run <= now() - $2 * interval '1 ms'
-		RETURNING true`
-}
-
 // retain runs the retention if it is this fleet's turn. It is called by the
 // worker that won the cleanup; the purge runs in the background, one at a
 // time per worker, until done or ctx ends.
