@@ -117,7 +117,7 @@ func (r *run) sweep(ctx context.Context, owned []fleet.OwnedTask) {
 func (r *run) cleanup(ctx context.Context) {
 	// A little under the heartbeat period: a lone worker cleans up on each
 	// of its heartbeats, a fleet about as often in all.
-	got, err := r.fleet.Cleanup(ctx, r.w.cfg.ttl/4)
+	got, err := r.fleet.Cleanup(ctx, r.w.cfg.ttl/5)
 	if err != nil {
 		if ctx.Err() == nil {
 			r.cleanLog.failed(err)

@@ -298,6 +298,12 @@ func (c *Config) check() error {
 	if c.MaxDrain < 0 {
 		errs = append(errs, errors.New("-max-drain must not be negative"))
 	}
+	if c.WorkerMaxProcs < 0 || c.RedisKeepAlive < 0 {
+		errs = append(errs, errors.New("-worker-maxprocs and -redis-keepalive must not be negative"))
+	}
+	if c.WorkerMaxProcs > 0 && c.Procs == 1 {
+		errs = append(errs, errors.New("-worker-maxprocs: needs -procs > 1 (one worker runs inside the bench's own process)"))
+	}
 	if c.PgBouncer < 0 {
 		errs = append(errs, fmt.Errorf("-pgbouncer %d: want a server pool size, or 0 for none", c.PgBouncer))
 	}
@@ -562,7 +568,7 @@ func (t *trial) run(ctx context.Context) (res *Result, err error) {
 		res.RedisServerPer = float64(res.RedisServer) / done
 	}
 	if cfg.Procs > 1 {
-		rate, from, ok, err := steadyStats(ctx, t.mon, t.schema, cfg.Procs, res.All)
+		rate, from, ok, err := steadyStats(ctx, t.mon, t.schema, cfg.Procs-len(res.LostProcs), res.All)
 		if err != nil {
 			return nil, err
 		}

@@ -38,8 +38,10 @@ type workerSpec struct {
 	PgBouncer  bool          `json:"pgbouncer"` // DSN is a PgBouncer in transaction pooling mode
 	// Progress is how often the process reports its count, when it
 	// changed (0: 200 ms). Every report wakes the process and the bench:
-	// in a fleet of 80 idle processes a 200 ms report was over a third of
-	// the workers' CPU on the 2-core machine.
+	// in a fleet of 80 idle processes a 200 ms report was about half of
+	// the workers' CPU on the 2-core machine. The bench sees the end of a
+	// drain up to one interval late (drain_wall_seconds, -stop-after);
+	// rates come from the tasks table and are not affected.
 	Progress time.Duration `json:"progress"`
 	// Deployment settings (0: the defaults): GOMAXPROCS, and the rueidis
 	// client's Dialer.KeepAlive, which is also its idle PING interval.

@@ -2,11 +2,16 @@
 // cleanup of workers that went missing.
 //
 // Every worker sends a heartbeat (the database clock) every TTL/3 from its
-// own goroutine. Cleanup is leaderless: every worker tries it on its
-// heartbeat, and whichever wins a transaction-scoped try-lock does it. It
-// removes workers missed for their own TTL, fails their running tasks with
-// "worker lost", and ends their canceling tasks as canceled. A worker is therefore
-// declared gone within one TTL plus one heartbeat period.
+// own goroutine. Cleanup is leaderless and runs about once per period
+// across the fleet: every worker asks on its heartbeat, and the one that
+// finds the last cleanup (the maintenance row 'cleanup') at least a period
+// old and wins a transaction-scoped try-lock does it. The caller's period
+// is a fifth of its TTL, under its heartbeat period, so a lone worker
+// cleans up on each heartbeat. A cleanup removes workers missed for their
+// own TTL, fails their running tasks with "worker lost", and ends their
+// canceling tasks as canceled. A worker is therefore declared gone within
+// one TTL plus about one heartbeat period (two, when a late heartbeat makes
+// the next one fall inside the period).
 //
 // A worker that was declared gone but is still alive (a paused process) sees
 // its row missing at its next heartbeat; the caller then cancels its handlers
