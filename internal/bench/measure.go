@@ -65,15 +65,14 @@ func tableStats(ctx context.Context, mon *pgxpool.Pool, schema string) (all grou
 
 // steadyStats is the rate of a fleet once every worker process is running:
 // from the moment the last of procs workers started its first task (from
-// takes that many seconds after the first start) to the last finish; procs
-// leaves out the processes that ended early. A worker is a workers row: a
-// process that rejoined under a new id counts twice. A drain that was not
-// cut off by -max-drain ends with its last few tasks, so its window
-// includes a tail with fewer tasks than slots; the figure is meant for
-// capped fleet runs. A
+// takes that many seconds after the first start) to the last finish. A
 // fleet's first seconds are the start-up of its processes (connections,
 // the first statements' plans); a fleet that runs for hours sees the
-// steady rate. ok is false when fewer than procs workers started a task.
+// steady rate. procs leaves out the processes that ended early; a worker
+// is a workers row, so a process that rejoined under a new id counts
+// twice. A drain not cut off by -max-drain ends with a tail of fewer tasks
+// than slots, so the figure is meant for capped fleet runs. ok is false
+// when fewer than procs workers started a task.
 func steadyStats(ctx context.Context, mon *pgxpool.Pool, schema string, procs int, all groupStats) (rate, from float64, ok bool, err error) {
 	q := pgx.Identifier{schema}.Sanitize()
 	var workers int

@@ -254,9 +254,13 @@ const Live = `w.heartbeat_at > now() - w.ttl_ms * interval '1 ms'`
 func ClaimPeriodSQL(q string) string {
 	return `INSERT INTO ` + q + `.maintenance AS m (job, last_run) VALUES ($1, now())
 		ON CONFLICT (job) DO UPDATE SET last_run = now()
-		 WHERE m.last_run <= now() - $2 * interval '1 ms'
+		 WHERE ` + periodDue + `
 		RETURNING true`
 }
+
+// periodDue is the condition on a maintenance row, aliased m, whose job is
+// due: its last run at least $2 ms ago.
+const periodDue = `m.last_run <= now() - $2 * interval '1 ms'`
 
 // cleanupJob is the cleanup's row in the maintenance table.
 const cleanupJob = "cleanup"
@@ -274,7 +278,7 @@ func (s *Store) Cleanup(ctx context.Context, every time.Duration) (Reaped, error
 	// Most asks fall within the period: one read answers them, without a
 	// transaction; the one that goes on checks again under the lock.
 	var due bool
-	err := s.pool.QueryRow(ctx, `SELECT coalesce((SELECT m.last_run <= now() - $2 * interval '1 ms'
+	err := s.pool.QueryRow(ctx, `SELECT coalesce((SELECT `+periodDue+`
 		FROM `+s.q+`.maintenance m WHERE m.job = $1), true)`, cleanupJob, every.Milliseconds()).Scan(&due)
 	if err != nil || !due {
 		return r, err
@@ -292,7 +296,7 @@ func (s *Store) Cleanup(ctx context.Context, every time.Duration) (Reaped, error
 			return err
 		}
 		r.Won = true
-		rows, err := tx.Query(ctx, `DELETE FROM `+s.q+`.workers WHERE heartbeat_at < now() - ttl_ms * interval '1 ms' RETURNING id`)
+		rows, err := tx.Query(ctx, `DELETE FROM `+s.q+`.workers w WHERE NOT (`+Live+`) RETURNING id`)
 		if err != nil {
 			return err
 		}
