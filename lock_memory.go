@@ -123,3 +123,5 @@ func (s *memorySession) Close(ctx context.Context) error {
 	l.mu.Unlock()
 	return s.Release(ctx, mine)
 }
+
+func (s *memorySession) releaseInline() {}

@@ -456,3 +456,5 @@ func (s *pgSession) Close(ctx context.Context) error {
 	clear(s.owned)
 	return nil
 }
+
+func (s *pgSession) releaseInline() {}
