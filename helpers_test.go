@@ -1,12 +1,14 @@
 package tasking_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"io"
 	"log/slog"
 	"os"
 	"runtime"
+	"sync"
 	"testing"
 	"time"
 
@@ -32,6 +34,40 @@ func quietLogger() *slog.Logger {
 		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
 	return slog.New(slog.NewTextHandler(io.Discard, nil))
+}
+
+// logOnFailure returns a logger that keeps the client's and workers' log
+// (debug and up) and prints it if the test fails: for tests whose rare
+// failures need the worker's view to explain (TASKING_TEST_LOG prints
+// every test's log as it happens instead).
+func logOnFailure(t testing.TB) *slog.Logger {
+	if os.Getenv("TASKING_TEST_LOG") != "" {
+		return quietLogger()
+	}
+	buf := &lockedBuffer{}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("log of the client and its workers:\n%s", buf.String())
+		}
+	})
+	return slog.New(slog.NewTextHandler(buf, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
 
 // newClient returns a migrated client in a fresh schema.
