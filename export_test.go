@@ -8,3 +8,6 @@ var WorkerAppName = workerAppName
 
 // NotifyChannel is the NOTIFY channel of a schema, which tests LISTEN on.
 var NotifyChannel = notifyChannel
+
+// SyncBuffer is a bytes.Buffer safe for concurrent writers, for test logs.
+type SyncBuffer = syncBuffer

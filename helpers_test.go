@@ -1,14 +1,12 @@
 package tasking_test
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"io"
 	"log/slog"
 	"os"
 	"runtime"
-	"sync"
 	"testing"
 	"time"
 
@@ -44,30 +42,13 @@ func logOnFailure(t testing.TB) *slog.Logger {
 	if os.Getenv("TASKING_TEST_LOG") != "" {
 		return quietLogger()
 	}
-	buf := &lockedBuffer{}
+	buf := &tasking.SyncBuffer{}
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("log of the client and its workers:\n%s", buf.String())
 		}
 	})
 	return slog.New(slog.NewTextHandler(buf, &slog.HandlerOptions{Level: slog.LevelDebug}))
-}
-
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 // newClient returns a migrated client in a fresh schema.
