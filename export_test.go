@@ -1,5 +1,7 @@
 package tasking
 
+import "context"
+
 // Exported for the external tests only (this file is compiled into tests).
 
 // WorkerAppName is the application_name of a worker's PostgreSQL
@@ -11,3 +13,9 @@ var NotifyChannel = notifyChannel
 
 // SyncBuffer is a bytes.Buffer safe for concurrent writers, for test logs.
 type SyncBuffer = syncBuffer
+
+// ReleaseThenAcquire is the PostgreSQL session's release of owners and
+// acquire of reqs in one statement, which the worker uses after a step.
+func ReleaseThenAcquire(ctx context.Context, s LockSession, owners []Owner, reqs []LockRequest) ([]int64, error) {
+	return s.(releaseAcquirer).releaseThenAcquire(ctx, owners, reqs)
+}

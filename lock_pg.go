@@ -267,6 +267,14 @@ func (s *pgSession) TryAcquire(ctx context.Context, reqs []LockRequest) ([]int64
 // acquire decides what the local table can, asks the server for the rest in
 // one round trip, and records the grants. Caller holds mu and conn.
 func (s *pgSession) acquire(ctx context.Context, conn *pgx.Conn, reqs []LockRequest, fences []int64) error {
+	return s.acquireUnlocking(ctx, conn, nil, nil, reqs, fences)
+}
+
+// acquireUnlocking is acquire, unlocking the keys unlock (of modes
+// unlockExcl) on the server first, in the same statement. Caller holds mu
+// and conn; the table no longer lists the keys to unlock.
+func (s *pgSession) acquireUnlocking(ctx context.Context, conn *pgx.Conn, unlock []int64, unlockExcl []bool,
+	reqs []LockRequest, fences []int64) error {
 	var rReq []int32
 	var rKey []*int64
 	var rExcl []bool
@@ -312,9 +320,16 @@ func (s *pgSession) acquire(ctx context.Context, conn *pgx.Conn, reqs []LockRequ
 		}
 	}
 	if len(rReq) == 0 {
+		if len(unlock) > 0 {
+			_, err := conn.Exec(ctx, s.unlockSQL, unlock, unlockExcl)
+			return err
+		}
 		return nil
 	}
-	rows, err := conn.Query(ctx, s.lockSQL, []int64{}, []bool{}, rReq, rKey, rExcl)
+	if unlock == nil {
+		unlock, unlockExcl = []int64{}, []bool{}
+	}
+	rows, err := conn.Query(ctx, s.lockSQL, unlock, unlockExcl, rReq, rKey, rExcl)
 	if err == nil {
 		for rows.Next() {
 			var req int32
@@ -384,25 +399,7 @@ func (s *pgSession) Release(ctx context.Context, owners []Owner) error {
 	defer func() { s.mu.Unlock(); report() }()
 	// Count down on a copy first: the table changes only once the server has
 	// released, so a call that fails without effect can be retried.
-	left := make(map[int64]int)
-	var keys []int64
-	var excl []bool
-	for _, o := range owners {
-		for _, k := range s.owned[o] {
-			h := s.table[k]
-			if h == nil {
-				continue
-			}
-			n, seen := left[k]
-			if !seen {
-				n = h.holders
-			}
-			if n--; n == 0 {
-				keys, excl = append(keys, k), append(excl, h.exclusive)
-			}
-			left[k] = n
-		}
-	}
+	keys, excl, left := s.countDown(owners)
 	if len(keys) > 0 {
 		broken := false
 		err := s.conn.use(ctx, func(conn *pgx.Conn) error {
@@ -420,6 +417,36 @@ func (s *pgSession) Release(ctx context.Context, owners []Owner) error {
 			return fmt.Errorf("tasking: release locks: %w", err)
 		}
 	}
+	s.forget(owners, left)
+	return nil
+}
+
+// countDown works out what releasing owners' grants leaves: the keys whose
+// last holder goes (to unlock on the server, with their modes) and every
+// touched key's remaining holders. Caller holds mu.
+func (s *pgSession) countDown(owners []Owner) (keys []int64, excl []bool, left map[int64]int) {
+	left = make(map[int64]int)
+	for _, o := range owners {
+		for _, k := range s.owned[o] {
+			h := s.table[k]
+			if h == nil {
+				continue
+			}
+			n, seen := left[k]
+			if !seen {
+				n = h.holders
+			}
+			if n--; n == 0 {
+				keys, excl = append(keys, k), append(excl, h.exclusive)
+			}
+			left[k] = n
+		}
+	}
+	return keys, excl, left
+}
+
+// forget applies countDown's result to the table. Caller holds mu.
+func (s *pgSession) forget(owners []Owner, left map[int64]int) {
 	for k, n := range left {
 		if n == 0 {
 			delete(s.table, k)
@@ -430,7 +457,43 @@ func (s *pgSession) Release(ctx context.Context, owners []Owner) error {
 	for _, o := range owners {
 		delete(s.owned, o)
 	}
-	return nil
+}
+
+// releaseThenAcquire is Release(owners) and then TryAcquire(reqs) in one
+// statement and one round trip: lock_batch unlocks before it locks. The
+// worker calls it after a step, for the grants of the tasks that step
+// finished and of the ones it claimed. The table forgets the released
+// grants before the requests are decided, so a claimed task may have what a
+// finished one held. If the call fails, the released grants are forgotten
+// anyway: lock_batch unlocks first, and session locks survive a failed
+// statement only for what it locked (undone like any failed acquire); a
+// broken connection drops them all.
+func (s *pgSession) releaseThenAcquire(ctx context.Context, owners []Owner, reqs []LockRequest) ([]int64, error) {
+	fences := make([]int64, len(reqs))
+	s.mu.Lock()
+	report := func() {}
+	defer func() { s.mu.Unlock(); report() }()
+	if s.err != nil {
+		return nil, s.err
+	}
+	broken := false
+	err := s.conn.use(ctx, func(conn *pgx.Conn) error {
+		report = s.current(conn)
+		keys, excl, left := s.countDown(owners)
+		s.forget(owners, left)
+		err := s.acquireUnlocking(ctx, conn, keys, excl, reqs, fences)
+		broken = err != nil && conn.IsClosed()
+		return err
+	})
+	if err != nil {
+		if broken {
+			lost := s.fail(fmt.Errorf("%w: lock connection failed: %v", ErrLockLost, err))
+			prev := report
+			report = func() { prev(); lost() }
+		}
+		return nil, fmt.Errorf("tasking: release and acquire locks: %w", err)
+	}
+	return fences, nil
 }
 
 func (s *pgSession) Close(ctx context.Context) error {
@@ -456,5 +519,3 @@ func (s *pgSession) Close(ctx context.Context) error {
 	clear(s.owned)
 	return nil
 }
-
-func (s *pgSession) releaseInline() {}

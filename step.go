@@ -13,11 +13,11 @@ import (
 // them off their resources' waiting lines and hands those resources to the
 // next tasks in line, and claims up to the free slots of ready tasks, oldest
 // first. The locker is asked around it: grants of finished tasks are
-// released before the step, or while it runs when the locker is not on the
-// worker's connection (so the next in line, which the step makes ready,
-// finds its resources free), and the claimed tasks' grants are
-// acquired after it, in one call each. Work per started task is a share of
-// one statement and two locker calls, however many workers there are and
+// released while the step runs (Redis), or with the acquire after it, in
+// the same statement (PostgreSQL, whose grants live on the step's
+// connection), and the claimed tasks' grants are acquired after it: one or
+// two locker calls per step. Work per started task is a share of
+// one statement and of those calls, however many workers there are and
 // however long the lines behind a busy resource; docs/design.md says why
 // this keeps the ordering promise.
 
@@ -245,9 +245,10 @@ func (r *run) unreserve(n int) {
 // (refused locks, handoffs left for later). next: when the earliest retry
 // or scheduled task is due, zero for none.
 func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free int) (started int, again bool, next time.Time, err error) {
-	// Release first: the step makes the next in line ready, and it should
-	// find its resources free. The handlers have returned, so nothing is
-	// done under these grants any more.
+	// The finished tasks' grants go as early as the locker allows: the
+	// step makes the next in line ready, and it should find its resources
+	// free. The handlers have returned, so nothing is done under these
+	// grants any more.
 	if r.w.cfg.onStep != nil && len(outs) > 0 {
 		r.w.cfg.onStep(len(outs))
 	}
@@ -258,31 +259,42 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 			outs[i].owner = false // a failed release is not retried: leases run out, a broken session drops all
 		}
 	}
+	release := func(owners []Owner) {
+		if err := r.lock.Release(ctx, owners); err != nil {
+			r.log.Warn("tasking: release locks", "err", err)
+		}
+		r.c.met.grants(ctx, -len(owners))
+	}
+	ra, merge := r.lock.(releaseAcquirer)
 	var released chan struct{}
-	if len(owners) > 0 {
-		release := func() {
-			if err := r.lock.Release(ctx, owners); err != nil {
-				r.log.Warn("tasking: release locks", "err", err)
-			}
-			r.c.met.grants(ctx, -len(owners))
-		}
-		if releaseInline(r.lock) {
-			release()
-		} else {
-			// A locker of its own (Redis) releases while the step runs.
-			// The release is started first and is one round trip against
-			// the step's statement and commit, so it has almost always
-			// landed when the step commits what it frees; if not, a
-			// worker that claimed such a task is refused and claims it
-			// again shortly. The release's round trip no longer
-			// lengthens the hand-off from one task to the next (a line
-			// on one resource drained 12 % faster).
-			released = make(chan struct{})
-			go func() {
-				defer close(released)
-				release()
-			}()
-		}
+	var deferred []Owner // released with the claims' acquire, after the step
+	switch {
+	case len(owners) == 0:
+	case merge:
+		// The PostgreSQL locker's grants live on the worker's connection:
+		// the unlock goes with the acquire after the step, in one
+		// statement, rather than in a round trip of its own before it.
+		// Until then another worker that claims a task this step frees
+		// may be refused, and claims it again shortly; this worker's
+		// own claims (the usual case: a step claims the oldest ready
+		// tasks, which include those it just freed) are not.
+		deferred = owners
+	case releaseInline(r.lock):
+		release(owners)
+	default:
+		// A locker of its own (Redis) releases while the step runs.
+		// The release is started first and is one round trip against
+		// the step's statement and commit, so it has almost always
+		// landed when the step commits what it frees; if not, a
+		// worker that claimed such a task is refused and claims it
+		// again shortly. The release's round trip no longer
+		// lengthens the hand-off from one task to the next (a line
+		// on one resource drained 12 % faster).
+		released = make(chan struct{})
+		go func() {
+			defer close(released)
+			release(owners)
+		}()
 	}
 
 	sent := time.Now()
@@ -293,6 +305,9 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 		<-released
 	}
 	if err != nil {
+		if len(deferred) > 0 {
+			release(deferred)
+		}
 		return 0, false, time.Time{}, err
 	}
 	if r.w.cfg.afterClaim != nil && len(res.claimed) > 0 {
@@ -331,8 +346,24 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 	}
 	var refused []*Task
 	var lockErr error
+	if len(reqs) == 0 && len(deferred) > 0 {
+		release(deferred)
+	}
 	if len(reqs) > 0 {
-		fences, err := r.lock.TryAcquire(ctx, reqs)
+		var fences []int64
+		var err error
+		if len(deferred) > 0 {
+			fences, err = ra.releaseThenAcquire(ctx, deferred, reqs)
+			r.c.met.grants(ctx, -len(deferred))
+			if err != nil {
+				// Whatever the server did, the released grants are gone
+				// from the session's table; a broken session drops them
+				// all.
+				r.log.Warn("tasking: release locks", "err", err)
+			}
+		} else {
+			fences, err = r.lock.TryAcquire(ctx, reqs)
+		}
 		if err != nil {
 			r.lockerFailed()
 			// The locker is out of reach: what names resources goes back in
@@ -400,10 +431,15 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 	return started, again, next, lockErr
 }
 
-// An inlineReleaser is a LockSession whose Release must finish before the
-// step is sent: the PostgreSQL locker's grants live on the worker's own
-// connection, where a release sent aside could run after the step, and
-// the memory locker's release costs nothing to wait for.
+// A releaseAcquirer is a LockSession that can release grants and acquire
+// others in one call: the PostgreSQL locker, whose grants live on the
+// worker's connection, so that a step costs one locker statement, not two.
+type releaseAcquirer interface {
+	releaseThenAcquire(ctx context.Context, owners []Owner, reqs []LockRequest) ([]int64, error)
+}
+
+// An inlineReleaser is a LockSession whose Release is not worth running
+// beside the step: the memory locker's costs nothing to wait for.
 type inlineReleaser interface {
 	releaseInline()
 }
