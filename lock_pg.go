@@ -319,10 +319,22 @@ func (s *pgSession) acquireUnlocking(ctx context.Context, conn *pgx.Conn, unlock
 			rReq, rKey, rExcl = append(rReq, int32(i)), append(rKey, nil), append(rExcl, false)
 		}
 	}
+	// The table no longer lists the keys to unlock: if the call fails
+	// before lock_batch unlocked them (a context already done, a cancel),
+	// they are unlocked again with the undo, which is a no-op for a key
+	// already unlocked.
+	undo := func(err error) error {
+		keys, excl := rKey, rExcl
+		for i := range unlock {
+			keys, excl = append(keys, &unlock[i]), append(excl, unlockExcl[i])
+		}
+		return s.undoFailedAcquire(ctx, conn, keys, excl, err)
+	}
 	if len(rReq) == 0 {
 		if len(unlock) > 0 {
-			_, err := conn.Exec(ctx, s.unlockSQL, unlock, unlockExcl)
-			return err
+			if _, err := conn.Exec(ctx, s.unlockSQL, unlock, unlockExcl); err != nil {
+				return undo(err)
+			}
 		}
 		return nil
 	}
@@ -346,7 +358,7 @@ func (s *pgSession) acquireUnlocking(ctx context.Context, conn *pgx.Conn, unlock
 	}
 	if err != nil {
 		clear(fences)
-		return s.undoFailedAcquire(ctx, conn, rKey, rExcl, err)
+		return undo(err)
 	}
 	for i, r := range reqs {
 		if fences[i] == 0 {

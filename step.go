@@ -274,10 +274,11 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 		// The PostgreSQL locker's grants live on the worker's connection:
 		// the unlock goes with the acquire after the step, in one
 		// statement, rather than in a round trip of its own before it.
-		// Until then another worker that claims a task this step frees
-		// may be refused, and claims it again shortly; this worker's
-		// own claims (the usual case: a step claims the oldest ready
-		// tasks, which include those it just freed) are not.
+		// Until then another worker (or another lane of this one,
+		// WithConnections) that claims a task this step frees may be
+		// refused, and claims it again shortly; this step's own claims
+		// (the usual case: a step claims the oldest ready tasks, which
+		// include those it just freed) are not.
 		deferred = owners
 	case releaseInline(r.lock):
 		release(owners)
