@@ -1,6 +1,7 @@
 package tasking_test
 
 import (
+	"context"
 	"math/rand/v2"
 	"slices"
 	"testing"
@@ -189,4 +190,31 @@ func TestPostgresLockerReleaseThenAcquire(t *testing.T) {
 	requireNamesTaken(t, b, 2, "s", "z") // owner (1, 4) still holds s
 	lockRelease(t, a, lockOwner(1, 4), lockOwner(1, 5))
 	requireNamesFree(t, b, 2, "s", "z")
+}
+
+// A release-and-acquire that fails before it reaches the server (here: its
+// context is already done) still leaves the released names free: the
+// session's table forgot them, so the server must not keep them either.
+func TestPostgresLockerReleaseThenAcquireFails(t *testing.T) {
+	t.Parallel()
+	pool := testdb.Pool(t, 4)
+	schema := migratedSchema(t, pool)
+	locker := tasking.NewPostgresLocker()
+	a := openLockSession(t, locker, tasking.LockSessionConfig{Worker: 1, Pool: pool, Schema: schema})
+	b := openLockSession(t, locker, tasking.LockSessionConfig{Worker: 2, Pool: pool, Schema: schema})
+	inner := a.(*closeOnce).LockSession
+	done, cancel := context.WithCancel(t.Context())
+	cancel()
+
+	requireGrant(t, a, exclReq(lockOwner(1, 1), "x"))
+	requireGrant(t, a, exclReq(lockOwner(1, 2), "q"))
+	_, err := tasking.ReleaseThenAcquire(done, inner, []tasking.Owner{lockOwner(1, 1)}, []tasking.LockRequest{exclReq(lockOwner(1, 3), "z")})
+	require.Error(t, err)
+	requireNamesFree(t, b, 2, "x", "z")
+	_, err = tasking.ReleaseThenAcquire(done, inner, []tasking.Owner{lockOwner(1, 2)}, nil)
+	require.Error(t, err)
+	requireNamesFree(t, b, 2, "q")
+	// The session goes on.
+	requireGrant(t, a, exclReq(lockOwner(1, 4), "x", "q"))
+	requireNamesTaken(t, b, 2, "x", "q")
 }
