@@ -3,6 +3,7 @@ package tasking_test
 import (
 	"context"
 	"fmt"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -305,4 +306,57 @@ func TestCancelLockOrder(t *testing.T) {
 	got, err := c.Get(ctx, b.ID)
 	require.NoError(t, err)
 	require.Equal(t, tasking.StateCanceled, got.State)
+}
+
+// TestCancelBehindRunningHead: canceling a waiting task in the middle of a
+// line must not free the task behind it while the head still runs. A
+// hand-off after a task that ran scans its lines from that task's id on
+// (schema version 8); a canceled waiting task gives no such bound, since
+// live entries may be ahead of it.
+func TestCancelBehindRunningHead(t *testing.T) {
+	t.Parallel()
+	c := newClient(t)
+	ctx := ctxT(t, 30*time.Second)
+	w := tasking.NewWorker(c)
+	started := make(chan struct{})
+	finish := make(chan struct{})
+	var headDone atomic.Bool
+	w.Handle("head", func(context.Context, *tasking.Task) error {
+		close(started)
+		<-finish
+		headDone.Store(true)
+		return nil
+	})
+	w.Handle("never", func(context.Context, *tasking.Task) error {
+		t.Error("a canceled waiting task ran")
+		return nil
+	})
+	w.Handle("next", func(context.Context, *tasking.Task) error {
+		if !headDone.Load() {
+			t.Error("the task behind a canceled one ran while the head of the line still ran")
+		}
+		return nil
+	})
+	runWorker(t, w)
+
+	head, err := c.Dispatch(ctx, "head", nil, tasking.Exclusive("x"))
+	require.NoError(t, err)
+	recv(t, started, 30*time.Second)
+	middle, err := c.Dispatch(ctx, "never", nil, tasking.Exclusive("x"))
+	require.NoError(t, err)
+	next, err := c.Dispatch(ctx, "next", nil, tasking.Shared("x"))
+	require.NoError(t, err)
+	require.NoError(t, c.Cancel(ctx, middle.ID))
+	time.Sleep(200 * time.Millisecond) // a wrongly freed task would start now
+	got, err := c.Get(ctx, next.ID)
+	require.NoError(t, err)
+	require.Equal(t, tasking.StateWaiting, got.State)
+
+	close(finish)
+	got, err = c.Wait(ctx, next.ID)
+	require.NoError(t, err)
+	require.Equal(t, tasking.StateCompleted, got.State)
+	got, err = c.Get(ctx, head.ID)
+	require.NoError(t, err)
+	require.Equal(t, tasking.StateCompleted, got.State)
 }
