@@ -239,41 +239,14 @@ func (s *pgSession) watch(every time.Duration) {
 }
 
 func (s *pgSession) TryAcquire(ctx context.Context, reqs []LockRequest) ([]int64, error) {
-	fences := make([]int64, len(reqs))
-	s.mu.Lock()
-	report := func() {}
-	defer func() { s.mu.Unlock(); report() }()
-	if s.err != nil {
-		return nil, s.err
-	}
-	broken := false
-	err := s.conn.use(ctx, func(conn *pgx.Conn) error {
-		report = s.current(conn)
-		err := s.acquire(ctx, conn, reqs, fences)
-		broken = err != nil && conn.IsClosed()
-		return err
-	})
-	if err != nil {
-		if broken {
-			lost := s.fail(fmt.Errorf("%w: lock connection failed: %v", ErrLockLost, err))
-			prev := report
-			report = func() { prev(); lost() }
-		}
-		return nil, fmt.Errorf("tasking: acquire locks: %w", err)
-	}
-	return fences, nil
+	return s.releaseThenAcquire(ctx, nil, reqs)
 }
 
 // acquire decides what the local table can, asks the server for the rest in
-// one round trip, and records the grants. Caller holds mu and conn.
-func (s *pgSession) acquire(ctx context.Context, conn *pgx.Conn, reqs []LockRequest, fences []int64) error {
-	return s.acquireUnlocking(ctx, conn, nil, nil, reqs, fences)
-}
-
-// acquireUnlocking is acquire, unlocking the keys unlock (of modes
-// unlockExcl) on the server first, in the same statement. Caller holds mu
-// and conn; the table no longer lists the keys to unlock.
-func (s *pgSession) acquireUnlocking(ctx context.Context, conn *pgx.Conn, unlock []int64, unlockExcl []bool,
+// one round trip, and records the grants. The keys unlock (of modes
+// unlockExcl), which the table no longer lists, are unlocked on the server
+// first, in the same statement. Caller holds mu and conn.
+func (s *pgSession) acquire(ctx context.Context, conn *pgx.Conn, unlock []int64, unlockExcl []bool,
 	reqs []LockRequest, fences []int64) error {
 	var rReq []int32
 	var rKey []*int64
@@ -493,7 +466,7 @@ func (s *pgSession) releaseThenAcquire(ctx context.Context, owners []Owner, reqs
 		report = s.current(conn)
 		keys, excl, left := s.countDown(owners)
 		s.forget(owners, left)
-		err := s.acquireUnlocking(ctx, conn, keys, excl, reqs, fences)
+		err := s.acquire(ctx, conn, keys, excl, reqs, fences)
 		broken = err != nil && conn.IsClosed()
 		return err
 	})
@@ -502,6 +475,9 @@ func (s *pgSession) releaseThenAcquire(ctx context.Context, owners []Owner, reqs
 			lost := s.fail(fmt.Errorf("%w: lock connection failed: %v", ErrLockLost, err))
 			prev := report
 			report = func() { prev(); lost() }
+		}
+		if len(owners) == 0 {
+			return nil, fmt.Errorf("tasking: acquire locks: %w", err)
 		}
 		return nil, fmt.Errorf("tasking: release and acquire locks: %w", err)
 	}

@@ -154,15 +154,10 @@ func TestPostgresLockerFailedBatchLeavesNothingHeld(t *testing.T) {
 // still releases.
 func TestPostgresLockerReleaseThenAcquire(t *testing.T) {
 	t.Parallel()
-	pool := testdb.Pool(t, 4)
-	schema := migratedSchema(t, pool)
-	locker := tasking.NewPostgresLocker()
-	a := openLockSession(t, locker, tasking.LockSessionConfig{Worker: 1, Pool: pool, Schema: schema})
-	b := openLockSession(t, locker, tasking.LockSessionConfig{Worker: 2, Pool: pool, Schema: schema})
-	inner := func(s tasking.LockSession) tasking.LockSession { return s.(*closeOnce).LockSession }
+	a, b := twoPostgresSessions(t)
 	both := func(owners []tasking.Owner, reqs ...tasking.LockRequest) []int64 {
 		t.Helper()
-		fences, err := tasking.ReleaseThenAcquire(t.Context(), inner(a), owners, reqs)
+		fences, err := tasking.ReleaseThenAcquire(t.Context(), a.(*closeOnce).LockSession, owners, reqs)
 		require.NoError(t, err)
 		require.Len(t, fences, len(reqs))
 		return fences
@@ -197,11 +192,7 @@ func TestPostgresLockerReleaseThenAcquire(t *testing.T) {
 // session's table forgot them, so the server must not keep them either.
 func TestPostgresLockerReleaseThenAcquireFails(t *testing.T) {
 	t.Parallel()
-	pool := testdb.Pool(t, 4)
-	schema := migratedSchema(t, pool)
-	locker := tasking.NewPostgresLocker()
-	a := openLockSession(t, locker, tasking.LockSessionConfig{Worker: 1, Pool: pool, Schema: schema})
-	b := openLockSession(t, locker, tasking.LockSessionConfig{Worker: 2, Pool: pool, Schema: schema})
+	a, b := twoPostgresSessions(t)
 	inner := a.(*closeOnce).LockSession
 	done, cancel := context.WithCancel(t.Context())
 	cancel()
@@ -217,4 +208,15 @@ func TestPostgresLockerReleaseThenAcquireFails(t *testing.T) {
 	// The session goes on.
 	requireGrant(t, a, exclReq(lockOwner(1, 4), "x", "q"))
 	requireNamesTaken(t, b, 2, "x", "q")
+}
+
+// twoPostgresSessions opens the PostgreSQL locker sessions of workers 1 and
+// 2 on a fresh schema.
+func twoPostgresSessions(t *testing.T) (a, b tasking.LockSession) {
+	pool := testdb.Pool(t, 4)
+	schema := migratedSchema(t, pool)
+	locker := tasking.NewPostgresLocker()
+	a = openLockSession(t, locker, tasking.LockSessionConfig{Worker: 1, Pool: pool, Schema: schema})
+	b = openLockSession(t, locker, tasking.LockSessionConfig{Worker: 2, Pool: pool, Schema: schema})
+	return a, b
 }
