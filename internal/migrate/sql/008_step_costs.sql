@@ -18,13 +18,7 @@
 --    (p_ran), and the scans of that line start after the task's id. Other
 --    callers (cancel of a waiting task, cleanup, immediate tasks) pass no
 --    bound and scan from the head as before.
--- 3. The step's finish matches the worker with "=", not "IS NOT DISTINCT
---    FROM" (p_worker is never NULL): the planner reads the finishing tasks
---    through tasks_worker_idx, and with the old condition it could not use
---    the worker as an index condition, so every step read the running
---    tasks of every worker of the fleet (and the entries of tasks finished
---    since the last vacuum) to find its own few.
--- 4. dispatch (as in version 6) inserts a batch that names no resource
+-- 3. dispatch (as in version 6) inserts a batch that names no resource
 --    with a plain INSERT: there are no lines to judge or write, and the
 --    statement that does that for a batch with resources cost about 50
 --    microseconds even with nothing to do (a single no-op dispatch: 0.39
@@ -209,7 +203,7 @@ BEGIN
                                       ELSE t.attempt_log END
               FROM unnest(p_ids, p_epochs, p_states, p_errors, p_results, p_delays, p_progress)
                    AS v(id, epoch, state, error, result, delay, progress)
-             WHERE t.id = v.id AND t.worker_id = p_worker AND t.epoch = v.epoch -- v8: =, see above
+             WHERE t.id = v.id AND t.worker_id IS NOT DISTINCT FROM p_worker AND t.epoch = v.epoch
                AND t.state IN ('running', 'canceling')
             RETURNING t.id, t.state, t.exclusive <> '{}' OR t.shared <> '{}' AS lined -- v8
         )
