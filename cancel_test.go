@@ -347,13 +347,18 @@ func TestCancelBehindRunningHead(t *testing.T) {
 	next, err := c.Dispatch(ctx, "next", nil, tasking.Shared("x"))
 	require.NoError(t, err)
 	require.NoError(t, c.Cancel(ctx, middle.ID))
-	time.Sleep(200 * time.Millisecond) // a wrongly freed task would start now
-	got, err := c.Get(ctx, next.ID)
+	// The locker would refuse a wrongly freed task (the head holds x), so
+	// look at its entry on the line itself: it must still be blocked.
+	why, err := c.WhyWaiting(ctx, next.ID)
 	require.NoError(t, err)
-	require.Equal(t, tasking.StateWaiting, got.State)
+	require.Equal(t, tasking.StateWaiting, why.Task.State)
+	require.False(t, why.Ready, "the task behind a canceled one is ready while the head of the line runs")
+	require.Len(t, why.Resources, 1)
+	require.True(t, why.Resources[0].Blocked)
+	require.Equal(t, head.ID, why.Resources[0].Ahead[0].ID)
 
 	close(finish)
-	got, err = c.Wait(ctx, next.ID)
+	got, err := c.Wait(ctx, next.ID)
 	require.NoError(t, err)
 	require.Equal(t, tasking.StateCompleted, got.State)
 	got, err = c.Get(ctx, head.ID)
