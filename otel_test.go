@@ -157,12 +157,21 @@ func TestOpenTelemetry(t *testing.T) {
 	name := func(n string) attribute.KeyValue { return attribute.String("tasking.task.name", n) }
 	state := func(s tasking.State) attribute.KeyValue { return attribute.String("tasking.task.state", string(s)) }
 	// The final-state counters are recorded right after the step that
-	// wrote the state, which Wait may see first.
+	// wrote the state, which Wait may see first; the PostgreSQL locker's
+	// grants are released after that step too (with the next acquire, or
+	// on their own when the step claimed nothing).
 	var m map[string]metricdata.Aggregation
+	heldNow := func() int64 {
+		held, _ := m["tasking.locks.held"].(metricdata.Sum[int64])
+		if len(held.DataPoints) != 1 {
+			return -1
+		}
+		return held.DataPoints[0].Value
+	}
 	require.Eventually(t, func() bool {
 		m = collected(t, reader)
-		return sumOf(m["tasking.tasks.finished"]) == 2
-	}, 10*time.Second, 5*time.Millisecond)
+		return sumOf(m["tasking.tasks.finished"]) == 2 && heldNow() == 0
+	}, 10*time.Second, 5*time.Millisecond, "both tasks finished and both grants released")
 	assert.EqualValues(t, 1, sumOf(m["tasking.tasks.dispatched"], name("ok")))
 	assert.EqualValues(t, 1, sumOf(m["tasking.tasks.dispatched"], name("nobody")))
 	assert.EqualValues(t, 3, sumOf(m["tasking.tasks.dispatched"]))
