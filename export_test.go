@@ -14,8 +14,15 @@ var NotifyChannel = notifyChannel
 // SyncBuffer is a bytes.Buffer safe for concurrent writers, for test logs.
 type SyncBuffer = syncBuffer
 
-// ReleaseThenAcquire is the PostgreSQL session's release of owners and
-// acquire of reqs in one statement, which the worker uses after a step.
+// ReleaseThenAcquire is a session's release of owners and acquire of reqs in
+// one call (PostgreSQL: one statement; Redis: one script call), which the
+// worker uses after a step.
 func ReleaseThenAcquire(ctx context.Context, s LockSession, owners []Owner, reqs []LockRequest) ([]int64, error) {
 	return s.(releaseAcquirer).releaseThenAcquire(ctx, owners, reqs)
+}
+
+// CanReleaseThenAcquire reports whether s has ReleaseThenAcquire.
+func CanReleaseThenAcquire(s LockSession) bool {
+	_, ok := s.(releaseAcquirer)
+	return ok
 }

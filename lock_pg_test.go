@@ -152,41 +152,6 @@ func TestPostgresLockerFailedBatchLeavesNothingHeld(t *testing.T) {
 // take what a finished one held (with a new fencing token), a denied
 // request leaves the release done, and a call with nothing to acquire
 // still releases.
-func TestPostgresLockerReleaseThenAcquire(t *testing.T) {
-	t.Parallel()
-	a, b := twoPostgresSessions(t)
-	both := func(owners []tasking.Owner, reqs ...tasking.LockRequest) []int64 {
-		t.Helper()
-		fences, err := tasking.ReleaseThenAcquire(t.Context(), a.(*closeOnce).LockSession, owners, reqs)
-		require.NoError(t, err)
-		require.Len(t, fences, len(reqs))
-		return fences
-	}
-
-	fx := requireGrant(t, a, exclReq(lockOwner(1, 1), "x", "y"))
-	requireGrant(t, a, sharedReq(lockOwner(1, 2), "s"))
-	requireGrant(t, b, exclReq(lockOwner(2, 1), "b"))
-
-	got := both([]tasking.Owner{lockOwner(1, 1)},
-		exclReq(lockOwner(1, 3), "x"),      // what the finished task held
-		sharedReq(lockOwner(1, 4), "s"),    // shared with a running task of this session
-		exclReq(lockOwner(1, 5), "z"),      // new
-		exclReq(lockOwner(1, 6), "w", "b")) // held by the other worker: denied
-	require.Greater(t, got[0], fx, "a new grant on x draws a newer fencing token")
-	require.Positive(t, got[1])
-	require.Positive(t, got[2])
-	require.Zero(t, got[3])
-	requireNamesFree(t, b, 2, "y", "w")
-	requireNamesTaken(t, b, 2, "x", "s", "z")
-
-	// Nothing to acquire: the release still happens.
-	require.Empty(t, both([]tasking.Owner{lockOwner(1, 3), lockOwner(1, 2)}))
-	requireNamesFree(t, b, 2, "x")
-	requireNamesTaken(t, b, 2, "s", "z") // owner (1, 4) still holds s
-	lockRelease(t, a, lockOwner(1, 4), lockOwner(1, 5))
-	requireNamesFree(t, b, 2, "s", "z")
-}
-
 // A release-and-acquire that fails before it reaches the server (here: its
 // context is already done) still leaves the released names free: the
 // session's table forgot them, so the server must not keep them either.

@@ -256,29 +256,49 @@ type redisSession struct {
 }
 
 func (s *redisSession) TryAcquire(ctx context.Context, reqs []LockRequest) ([]int64, error) {
+	return s.releaseThenAcquire(ctx, nil, reqs)
+}
+
+// releaseThenAcquire is Release(owners) and then TryAcquire(reqs) in one
+// script call: the worker calls it after a step, for the grants of the
+// tasks that step finished and of the ones it claimed, so a step costs one
+// Redis round trip, not two. A request may get what a released owner held.
+// If the call fails, the released grants stay releasable (like a failed
+// Release) and the requests are in doubt (like a failed TryAcquire): a
+// Release of both frees whatever the server still holds.
+func (s *redisSession) releaseThenAcquire(ctx context.Context, owners []Owner, reqs []LockRequest) ([]int64, error) {
 	s.mu.Lock()
-	closed := s.closed
-	s.mu.Unlock()
-	if closed {
+	if s.closed {
+		s.mu.Unlock()
 		return nil, errors.New("tasking: redis lock session is closed")
 	}
-	rdb := s.l.rdb
 	keys := make([]string, 2, 2+4*len(reqs))
 	keys[0], keys[1] = s.k.fence, s.k.registry
-	args := make([]string, 1, 1+4*len(reqs))
+	args := make([]string, 2, 2+4*len(reqs))
 	args[0] = strconv.FormatInt(s.l.lease.Milliseconds(), 10)
+	taken, keys, args := s.takeGrants(owners, keys, args)
+	s.mu.Unlock()
+	args[1] = strconv.Itoa(len(taken))
 	for _, r := range reqs {
 		reg, err := json.Marshal(registryValue{X: r.Exclusive, S: r.Shared})
 		if err != nil {
+			s.keepReleasable(taken)
 			return nil, err
 		}
 		keys = appendNames(keys, s.k.tag, r.Exclusive, r.Shared)
 		args = append(args, ownerID(r.Owner), strconv.Itoa(len(r.Exclusive)), strconv.Itoa(len(r.Shared)), string(reg))
 	}
+	if len(reqs) == 0 && len(taken) == 0 {
+		return []int64{}, nil
+	}
+	rdb := s.l.rdb
 	sent := time.Now()
 	fences, err := acquireLua.Exec(ctx, rdb, keys, args).AsIntSlice()
 	if err == nil && len(fences) != len(reqs) {
 		err = fmt.Errorf("acquire script returned %d tokens for %d requests", len(fences), len(reqs))
+	}
+	if err != nil {
+		s.keepReleasable(taken)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -290,6 +310,9 @@ func (s *redisSession) TryAcquire(ctx context.Context, reqs []LockRequest) ([]in
 		}
 		if ctx.Err() == nil {
 			s.l.health.failed(s.cfg.Logger, rdb, "acquire", err)
+		}
+		if len(owners) > 0 {
+			return nil, fmt.Errorf("tasking: redis release and acquire: %w", err)
 		}
 		return nil, fmt.Errorf("tasking: redis acquire: %w", err)
 	}
@@ -305,7 +328,27 @@ func (s *redisSession) TryAcquire(ctx context.Context, reqs []LockRequest) ([]in
 
 func (s *redisSession) Release(ctx context.Context, owners []Owner) error {
 	s.mu.Lock()
-	var keys, args []string
+	taken, keys, args := s.takeGrants(owners, []string{s.k.registry}, nil)
+	s.mu.Unlock()
+	if len(taken) == 0 {
+		return nil
+	}
+	err := releaseLua.Exec(ctx, s.l.rdb, keys, args).Error()
+	if err == nil {
+		s.l.health.ok(s.cfg.Logger)
+		return nil
+	}
+	if ctx.Err() == nil {
+		s.l.health.failed(s.cfg.Logger, s.l.rdb, "release", err)
+	}
+	s.keepReleasable(taken)
+	return fmt.Errorf("tasking: redis release: %w", err)
+}
+
+// takeGrants takes owners' grants (held or in doubt) out of the session and
+// appends what the release scripts need to free them: their names to keys,
+// (owner, #exclusive, #shared) to args. Caller holds mu.
+func (s *redisSession) takeGrants(owners []Owner, keys, args []string) (map[Owner]*redisGrant, []string, []string) {
 	taken := make(map[Owner]*redisGrant, len(owners))
 	for _, o := range owners {
 		g := s.owned[o]
@@ -318,34 +361,23 @@ func (s *redisSession) Release(ctx context.Context, owners []Owner) error {
 			continue
 		}
 		taken[o] = g
-		if keys == nil {
-			keys = []string{s.k.registry}
-		}
 		keys = appendNames(keys, s.k.tag, g.excl, g.shared)
 		args = append(args, ownerID(o), strconv.Itoa(len(g.excl)), strconv.Itoa(len(g.shared)))
 	}
-	s.mu.Unlock()
-	if len(args) == 0 {
-		return nil
-	}
-	err := releaseLua.Exec(ctx, s.l.rdb, keys, args).Error()
-	if err == nil {
-		s.l.health.ok(s.cfg.Logger)
-		return nil
-	}
-	if ctx.Err() == nil {
-		s.l.health.failed(s.cfg.Logger, s.l.rdb, "release", err)
-	}
-	// Keep the grants releasable by a retry or Close; they are no longer
-	// renewed, so if nobody retries they run out with their leases.
+	return taken, keys, args
+}
+
+// keepReleasable puts back grants whose release failed, as in doubt: a
+// retry or Close releases them; they are no longer renewed, so if nobody
+// retries they run out with their leases.
+func (s *redisSession) keepReleasable(taken map[Owner]*redisGrant) {
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	for o, g := range taken {
 		if s.owned[o] == nil && s.doubt[o] == nil {
 			s.doubt[o] = g
 		}
 	}
-	s.mu.Unlock()
-	return fmt.Errorf("tasking: redis release: %w", err)
 }
 
 // Close stops renewing and releases everything the session holds.

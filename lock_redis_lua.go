@@ -14,10 +14,38 @@ import "github.com/redis/rueidis"
 // Times are the server's (redis.call('TIME')), in milliseconds, so the
 // workers' clocks never matter.
 
-// acquireLua grants each request all of its names or none.
+// releaseOwners is the loop that releaseLua and acquireLua share: for each
+// owner in ARGV[a..last] (owner, #exclusive, #shared), compare-and-delete
+// its names, starting at KEYS[k], and drop it from the registry KEYS[regk].
+const releaseOwners = `
+while a <= last do
+  local owner, nx, ns = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  a = a + 3
+  for i = 0, nx + ns - 1 do
+    local xk, sk = KEYS[k + 2 * i], KEYS[k + 2 * i + 1]
+    if i < nx then
+      if redis.call('GET', xk) == owner then
+        redis.call('DEL', xk)
+      end
+    else
+      redis.call('ZREM', sk, owner)
+    end
+  end
+  redis.call('HDEL', KEYS[regk], owner)
+  k = k + 2 * (nx + ns)
+end
+`
+
+// acquireLua first releases the owners it is given (as releaseLua does), so
+// that a request may get what they held, and then grants each request all
+// of its names or none. A worker releases the grants of the tasks a step
+// finished and acquires for the tasks it claimed in this one call.
 //
-//	KEYS: fence counter, owner registry, then (exclusive, shared) per name
-//	ARGV: lease ms, then per request: owner, #exclusive, #shared, registry value
+//	KEYS: fence counter, owner registry, then (exclusive, shared) per name:
+//	      the released owners' names, then the requests'
+//	ARGV: lease ms, number of released owners, then per released owner:
+//	      owner, #exclusive, #shared; then per request: owner, #exclusive,
+//	      #shared, registry value
 //
 // It returns one fencing token per request, 0 for a request that was denied.
 // An exclusive name is free when its string is absent and its sorted set has
@@ -27,13 +55,15 @@ import "github.com/redis/rueidis"
 // a restart without persistence), as long as the server clock does not step
 // back, which is also why the counter may expire when the namespace is idle.
 var acquireLua = rueidis.NewLuaScript(`
+local k, a, regk = 3, 3, 2
+local last = 2 + 3 * tonumber(ARGV[2])
+` + releaseOwners + `
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local nowus = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local lease = tonumber(ARGV[1])
 local fence = tonumber(redis.call('GET', KEYS[1]) or '0')
 local out, reg = {}, {}
-local k, a = 3, 2
 while a <= #ARGV do
   local owner, nx, ns, regval = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), ARGV[a + 3]
   a = a + 4
@@ -148,22 +178,7 @@ return lost
 //	KEYS: owner registry, then (exclusive, shared) per name
 //	ARGV: per owner: owner, #exclusive, #shared
 var releaseLua = rueidis.NewLuaScript(`
-local k, a = 2, 1
-while a <= #ARGV do
-  local owner, nx, ns = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  a = a + 3
-  for i = 0, nx + ns - 1 do
-    local xk, sk = KEYS[k + 2 * i], KEYS[k + 2 * i + 1]
-    if i < nx then
-      if redis.call('GET', xk) == owner then
-        redis.call('DEL', xk)
-      end
-    else
-      redis.call('ZREM', sk, owner)
-    end
-  end
-  redis.call('HDEL', KEYS[1], owner)
-  k = k + 2 * (nx + ns)
-end
+local k, a, regk, last = 2, 1, 1, #ARGV
+` + releaseOwners + `
 return 0
 `)

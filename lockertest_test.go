@@ -148,6 +148,8 @@ func runLockerConformance(t *testing.T, impl lockerImpl) {
 		{"CanceledCallKeepsOtherGrants", lockCanceledCallKeepsOtherGrants},
 		{"CanceledReleaseCanBeRetried", lockCanceledReleaseCanBeRetried},
 		{"ConcurrentCallers", lockConcurrentCallers},
+		{"ReleaseThenAcquire", lockReleaseThenAcquire},
+		{"FailedReleaseThenAcquireIsReleasable", lockFailedReleaseThenAcquireIsReleasable},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -582,6 +584,78 @@ func lockConcurrentCallers(t *testing.T, open openSession) {
 
 // lockBatch returns n requests of worker, each exclusive on its own name
 // (e000...) and shared on one of ten (s0...s9).
+// releaseThenAcquirer returns the session under s, skipping the test if it
+// has no release-and-acquire in one call (the memory locker).
+func releaseThenAcquirer(t *testing.T, s tasking.LockSession) tasking.LockSession {
+	t.Helper()
+	inner := s.(*closeOnce).LockSession
+	if !tasking.CanReleaseThenAcquire(inner) {
+		t.Skip("no release-and-acquire in one call")
+	}
+	return inner
+}
+
+// The worker's call after a step: the finished tasks' grants go first, so a
+// claimed task may get what a finished one held, in the same call.
+func lockReleaseThenAcquire(t *testing.T, open openSession) {
+	a, b := open(t, 1, nil), open(t, 2, nil)
+	inner := releaseThenAcquirer(t, a)
+	both := func(owners []tasking.Owner, reqs ...tasking.LockRequest) []int64 {
+		t.Helper()
+		fences, err := tasking.ReleaseThenAcquire(t.Context(), inner, owners, reqs)
+		require.NoError(t, err)
+		require.Len(t, fences, len(reqs))
+		return fences
+	}
+
+	fx := requireGrant(t, a, exclReq(lockOwner(1, 1), "x", "y"))
+	requireGrant(t, a, sharedReq(lockOwner(1, 2), "s"))
+	requireGrant(t, b, exclReq(lockOwner(2, 1), "b"))
+
+	got := both([]tasking.Owner{lockOwner(1, 1)},
+		exclReq(lockOwner(1, 3), "x"),      // what the finished task held
+		sharedReq(lockOwner(1, 4), "s"),    // shared with a running task of this session
+		exclReq(lockOwner(1, 5), "z"),      // new
+		exclReq(lockOwner(1, 6), "w", "b")) // held by the other worker: denied
+	require.Greater(t, got[0], fx, "a new grant on x draws a newer fencing token")
+	require.Positive(t, got[1])
+	require.Positive(t, got[2])
+	require.Zero(t, got[3])
+	requireNamesFree(t, b, 2, "y", "w")
+	requireNamesTaken(t, b, 2, "x", "s", "z")
+
+	// Nothing to acquire: the release still happens.
+	require.Empty(t, both([]tasking.Owner{lockOwner(1, 3), lockOwner(1, 2)}))
+	requireNamesFree(t, b, 2, "x")
+	requireNamesTaken(t, b, 2, "s", "z") // owner (1, 4) still holds s
+	// Another worker's owner is not released by this session.
+	require.Empty(t, both([]tasking.Owner{lockOwner(2, 1)}))
+	requireNamesTaken(t, a, 1, "b")
+	lockRelease(t, a, lockOwner(1, 4), lockOwner(1, 5))
+	requireNamesFree(t, b, 2, "s", "z")
+}
+
+// A release-and-acquire that fails (here: its context is already done)
+// leaves nothing held for good: a Release of the owners it released and of
+// its requests frees every name, as the worker does after a failed call,
+// and the session goes on.
+func lockFailedReleaseThenAcquireIsReleasable(t *testing.T, open openSession) {
+	a, b := open(t, 1, nil), open(t, 2, nil)
+	inner := releaseThenAcquirer(t, a)
+	done, cancel := context.WithCancel(t.Context())
+	cancel()
+
+	requireGrant(t, a, exclReq(lockOwner(1, 1), "x"))
+	requireGrant(t, a, sharedReq(lockOwner(1, 2), "s"))
+	_, err := tasking.ReleaseThenAcquire(done, inner, []tasking.Owner{lockOwner(1, 1), lockOwner(1, 2)},
+		[]tasking.LockRequest{exclReq(lockOwner(1, 3), "z")})
+	require.Error(t, err)
+	lockRelease(t, a, lockOwner(1, 1), lockOwner(1, 2), lockOwner(1, 3))
+	requireNamesFree(t, b, 2, "x", "s", "z")
+	requireGrant(t, a, exclReq(lockOwner(1, 4), "x", "z"))
+	requireNamesTaken(t, b, 2, "x", "z")
+}
+
 func lockBatch(worker int64, n int) []tasking.LockRequest {
 	reqs := make([]tasking.LockRequest, n)
 	for i := range reqs {

@@ -12,11 +12,10 @@ import (
 // it writes the final states of the tasks whose handlers returned, takes
 // them off their resources' waiting lines and hands those resources to the
 // next tasks in line, and claims up to the free slots of ready tasks, oldest
-// first. The locker is asked around it: grants of finished tasks are
-// released while the step runs (Redis), or with the acquire after it, in
-// the same statement (PostgreSQL, whose grants live on the step's
-// connection), and the claimed tasks' grants are acquired after it: one or
-// two locker calls per step. Work per started task is a share of
+// first. The locker is asked after it, in one call: it releases the grants
+// of the finished tasks and acquires those of the claimed ones (a locker
+// without such a call releases while the step runs and acquires after it).
+// Work per started task is a share of
 // one statement and of those calls, however many workers there are and
 // however long the lines behind a busy resource; docs/design.md says why
 // this keeps the ordering promise.
@@ -271,26 +270,24 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 	switch {
 	case len(owners) == 0:
 	case merge:
-		// The PostgreSQL locker's grants live on the worker's connection:
-		// the unlock goes with the acquire after the step, in one
-		// statement, rather than in a round trip of its own before it.
-		// Until then another worker (or another lane of this one,
+		// The PostgreSQL and Redis lockers release with the acquire after
+		// the step, in one statement or script call, rather than in a
+		// round trip of its own (before the step, or beside it). Until
+		// then another worker (or another lane of this one,
 		// WithConnections) that claims a task this step frees may be
 		// refused, and claims it again shortly; this step's own claims
 		// (the usual case: a step claims the oldest ready tasks, which
-		// include those it just freed) are not.
+		// include those it just freed) are not. The release's round trip
+		// is off the hand-off from one task to the next either way.
 		deferred = owners
 	case releaseInline(r.lock):
 		release(owners)
 	default:
-		// A locker of its own (Redis) releases while the step runs.
-		// The release is started first and is one round trip against
-		// the step's statement and commit, so it has almost always
-		// landed when the step commits what it frees; if not, a
-		// worker that claimed such a task is refused and claims it
-		// again shortly. The release's round trip no longer
-		// lengthens the hand-off from one task to the next (a line
-		// on one resource drained 12 % faster).
+		// Any other locker releases while the step runs. The release
+		// is started first and is one round trip against the step's
+		// statement and commit, so it has almost always landed when
+		// the step commits what it frees; if not, a worker that
+		// claimed such a task is refused and claims it again shortly.
 		released = make(chan struct{})
 		go func() {
 			defer close(released)
@@ -368,8 +365,10 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 		if err != nil {
 			r.lockerFailed()
 			// The locker is out of reach: what names resources goes back in
-			// line; tasks without resources need no grant.
-			if rerr := r.lock.Release(ctx, ownersOf(reqs)); rerr != nil {
+			// line; tasks without resources need no grant. The finished
+			// tasks' grants are released again too (Redis keeps them
+			// releasable; the PostgreSQL locker has forgotten them).
+			if rerr := r.lock.Release(ctx, append(ownersOf(reqs), deferred...)); rerr != nil {
 				r.log.Warn("tasking: release after failed acquire", "err", rerr)
 			}
 			refused, lockErr = need, fmt.Errorf("acquire locks: %w", err)
@@ -433,8 +432,8 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 }
 
 // A releaseAcquirer is a LockSession that can release grants and acquire
-// others in one call: the PostgreSQL locker, whose grants live on the
-// worker's connection, so that a step costs one locker statement, not two.
+// others in one call (the PostgreSQL and Redis lockers), so that a step
+// costs one locker round trip, not two.
 type releaseAcquirer interface {
 	releaseThenAcquire(ctx context.Context, owners []Owner, reqs []LockRequest) ([]int64, error)
 }
