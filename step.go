@@ -351,14 +351,10 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 		var fences []int64
 		var err error
 		if len(deferred) > 0 {
+			// A failure is reported below with the acquire's, and the
+			// released grants are released again there.
 			fences, err = ra.releaseThenAcquire(ctx, deferred, reqs)
 			r.c.met.grants(ctx, -len(deferred))
-			if err != nil {
-				// Whatever the server did, the released grants are gone
-				// from the session's table; a broken session drops them
-				// all.
-				r.log.Warn("tasking: release locks", "err", err)
-			}
 		} else {
 			fences, err = r.lock.TryAcquire(ctx, reqs)
 		}
