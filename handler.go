@@ -35,13 +35,11 @@ func (r *run) start(t *Task, batch uint64) {
 	}
 	hctx, span := r.startRunSpan(hctx, t)
 	r.c.met.startedTask(hctx, t)
-	a := &activeTask{task: t, names: len(t.Exclusive)+len(t.Shared) > 0, span: span, batch: batch}
-	if r.c.met != nil { // only the run-time histogram needs the clock
-		a.began = time.Now()
-	}
+	a := &activeTask{task: t, names: len(t.Exclusive)+len(t.Shared) > 0, span: span, batch: batch, began: time.Now()}
 	r.mu.Lock()
 	a.cancel = cancel
 	r.active[t.ID] = a
+	r.launching--                      // taken by takeAhead
 	if _, ok := r.canceled[t.ID]; ok { // canceled while we were claiming it
 		delete(r.canceled, t.ID)
 		cancel(ErrCanceled)
@@ -89,6 +87,9 @@ func (r *run) settleHandler(hctx context.Context, t *Task, a *activeTask, err er
 	// The last progress reports go with the final state, in one write.
 	o := outcome{task: t, state: StateCompleted, owner: a.names, ran: a.ran(), progress: t.live.endProgress(),
 		batch: a.batch}
+	r.handlerTook(o.ran)
+	// The slot goes to the next task claimed ahead, if one waits.
+	next := r.takeAhead(time.Now())
 	r.progress.forget(t)
 	var why error // for the error handler
 	switch {
@@ -123,6 +124,9 @@ func (r *run) settleHandler(hctx context.Context, t *Task, a *activeTask, err er
 		}
 	}
 	r.mu.Unlock()
+	for _, q := range next {
+		r.start(q.task, q.batch)
+	}
 	r.failed(hctx, t, why)
 	endSpan(a.span, why)
 	r.send(o)

@@ -52,7 +52,9 @@ func (r *run) beat(ctx context.Context) {
 		for _, a := range r.active {
 			a.cancel(ErrWorkerLost)
 		}
+		r.dropAhead(nil, false) // guarded by epoch, putting them back changes nothing
 		r.mu.Unlock()
+		r.signal()
 		if err := r.fleet.Reinstate(ctx, r.id, r.self, r.w.cfg.ttl); err != nil && ctx.Err() == nil {
 			r.log.Warn("tasking: rejoin the fleet", "err", err)
 		}
@@ -74,10 +76,13 @@ func (r *run) sweep(ctx context.Context, owned []fleet.OwnedTask) {
 	for _, t := range owned {
 		_, running := r.active[t.ID]
 		_, unsent := r.unsent[t.ID]
+		ahead := r.isAhead(t.ID)
 		switch {
 		case running && t.Canceling:
 			r.active[t.ID].cancel(ErrCanceled)
-		case running || unsent:
+		case ahead && t.Canceling:
+			r.canceled[t.ID] = time.Now() // start applies it
+		case running || unsent || ahead:
 		case prev[t.ID] == t.Epoch+1: // stored +1 so that the zero value means unseen
 			back = append(back, t)
 		default:

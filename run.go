@@ -45,7 +45,12 @@ type run struct {
 	mu       sync.Mutex
 	active   map[int64]*activeTask // handler running
 	reserved int                   // slots a step in flight may fill
-	draining bool                  // shutdown: no more reservations (see serve)
+	ahead    []aheadTask           // claimed ahead, waiting for a slot (ahead.go)
+	// launching: taken from ahead for a slot, not yet active.
+	launching int
+	// Moving averages of how long handlers run and steps take (ahead.go).
+	handlerAvg, stepAvg time.Duration
+	draining            bool // shutdown: no more reservations (see serve)
 	// While the locker is out of reach (since lockDownSince), steps claim
 	// only tasks that need no locks, and probe it again at lockProbeAt.
 	lockDownSince, lockProbeAt time.Time
@@ -84,16 +89,11 @@ type activeTask struct {
 	abandoned bool // given up at shutdown: its outcome was written for it
 
 	span  trace.Span // the run's span, nil when not tracing
-	began time.Time  // set with metrics only
+	began time.Time
 }
 
-// ran is how long the handler has run, 0 when not measured.
-func (a *activeTask) ran() time.Duration {
-	if a.began.IsZero() {
-		return 0
-	}
-	return time.Since(a.began)
-}
+// ran is how long the handler has run.
+func (a *activeTask) ran() time.Duration { return time.Since(a.began) }
 
 func newRun(w *Worker, handlers map[string]handler) *run {
 	base, cancelAll := context.WithCancelCause(context.Background())
@@ -248,7 +248,11 @@ func (r *run) endClaims(grace context.Context) {
 		time.Sleep(time.Millisecond)
 		r.mu.Lock()
 	}
+	// Tasks claimed ahead do not start any more: the step loops put them
+	// back to waiting.
+	r.dropAhead(nil, false)
 	r.mu.Unlock()
+	r.signal()
 }
 
 // drainHandlers waits for the handlers until shortly before grace's
@@ -340,6 +344,10 @@ func (r *run) lost(owners []Owner, cause error) {
 			a.lost = true
 			a.cancel(cause)
 		}
+	}
+	if len(r.ahead) > 0 {
+		r.dropAhead(owners, true)
+		defer r.signal() // the step loop puts them back
 	}
 	r.log.Warn("tasking: locks lost; canceled their tasks", "tasks", len(owners), "cause", cause)
 }

@@ -41,7 +41,8 @@ func (r *run) loop(ctx context.Context, conn *workerConn) {
 	poll := time.NewTimer(r.pollEvery())
 	defer poll.Stop()
 	var retry <-chan time.Time
-	var due <-chan time.Time // the earliest retry or scheduled task is due
+	var due <-chan time.Time    // the earliest retry or scheduled task is due
+	var expire <-chan time.Time // a task claimed ahead is due to be put back
 	var dueAt time.Time
 	var pending []outcome
 	results := r.results
@@ -58,6 +59,12 @@ func (r *run) loop(ctx context.Context, conn *workerConn) {
 			// Shutdown began while this loop was busy: claim nothing more
 			// (a task claimed now would start under a canceled context).
 			stopping, done = true, nil
+		}
+		if put, next := r.aheadDue(); put || stopping && results == nil && len(pending) == 0 {
+			r.giveBack(ctx, conn, stopping && results == nil)
+			expire = nil
+		} else if !next.IsZero() && expire == nil {
+			expire = time.After(time.Until(next) + time.Millisecond)
 		}
 		if stopping && results == nil && len(pending) == 0 {
 			return
@@ -95,6 +102,8 @@ func (r *run) loop(ctx context.Context, conn *workerConn) {
 				retry, woken = nil, true
 			case <-due:
 				due, dueAt, woken = nil, time.Time{}, true
+			case <-expire:
+				expire = nil
 			}
 			continue
 		}
@@ -114,9 +123,9 @@ func (r *run) loop(ctx context.Context, conn *workerConn) {
 		if !stopping && !failing && len(pending) > 0 {
 			pending, results = r.awaitSiblings(pending, results)
 		}
-		free = 0
+		claim := 0
 		if !stopping {
-			free = r.reserve() // handlers may have returned meanwhile
+			claim, free = r.reserve() // handlers may have returned meanwhile
 		}
 		// A step runs to its end even when shutdown begins meanwhile: a
 		// statement cut off mid-flight would close the worker's connection
@@ -125,9 +134,9 @@ func (r *run) loop(ctx context.Context, conn *workerConn) {
 		// lane that has no free slot: this lane looks again if any came.
 		seq := r.wakes.Load()
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), stepTimeout)
-		started, again, next, err := r.step(sctx, conn, pending, free)
+		started, again, next, err := r.step(sctx, conn, pending, claim, free)
 		cancel()
-		r.unreserve(free)
+		r.unreserve(claim)
 		lastEnd, lastStarted = time.Now(), started
 		if err != nil {
 			if !failing {
@@ -209,28 +218,41 @@ func (r *run) siblingsRunning(pending []outcome) bool {
 			return true
 		}
 	}
+	for i := range r.ahead { // claimed ahead: they start as handlers return
+		if slices.Contains(batches, r.ahead[i].batch) {
+			return true
+		}
+	}
 	return false
 }
 
-// freeSlots is how many slots no handler and no step in flight takes.
+// freeSlots is how many slots no handler, no task claimed ahead and no
+// step in flight takes.
 func (r *run) freeSlots() int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return r.w.cfg.slots - len(r.active) - r.reserved
+	return r.freeLocked()
 }
 
-// reserve takes the free slots for a step, so that another lane's step does
-// not fill them too; unreserve gives them back once the step has started
-// its tasks (which then count as active).
-func (r *run) reserve() int {
+func (r *run) freeLocked() int {
+	return r.w.cfg.slots - len(r.active) - r.launching - len(r.ahead) - r.reserved
+}
+
+// reserve takes the free slots, and the room to claim ahead (ahead.go), for
+// a step, so that another lane's step does not fill them too; unreserve
+// gives them back once the step has admitted its tasks (which then count
+// as active or claimed ahead). claim is what the step may claim, free the
+// part of it that free slots make up.
+func (r *run) reserve() (claim, free int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.draining {
-		return 0
+		return 0, 0
 	}
-	n := max(r.w.cfg.slots-len(r.active)-r.reserved, 0)
-	r.reserved += n
-	return n
+	free = max(r.freeLocked(), 0)
+	claim = max(r.freeLocked()+r.aheadRoom(), 0)
+	r.reserved += claim
+	return claim, free
 }
 
 func (r *run) unreserve(n int) {
@@ -239,11 +261,13 @@ func (r *run) unreserve(n int) {
 	r.mu.Unlock()
 }
 
-// step writes the outcomes, claims up to free ready tasks, acquires their
-// locks and starts them. again: something is worth another look soon
-// (refused locks, handoffs left for later). next: when the earliest retry
-// or scheduled task is due, zero for none.
-func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free int) (started int, again bool, next time.Time, err error) {
+// step writes the outcomes, claims up to claim ready tasks, acquires their
+// locks and starts them, as many as there are free slots (the others wait
+// for one, see ahead.go). free is the part of claim that free slots make
+// up. again: something is worth another look soon (refused locks, handoffs
+// left for later). next: when the earliest retry or scheduled task is due,
+// zero for none.
+func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, claim, free int) (started int, again bool, next time.Time, err error) {
 	// The finished tasks' grants go as early as the locker allows: the
 	// step makes the next in line ready, and it should find its resources
 	// free. The handlers have returned, so nothing is done under these
@@ -296,7 +320,7 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 	}
 
 	sent := time.Now()
-	res, err := r.c.step(ctx, conn, r.id, outs, r.names, r.policies, free, r.w.cfg.ttl*2/3, r.lockerUp(ctx))
+	res, err := r.c.step(ctx, conn, r.id, outs, r.names, r.policies, claim, r.w.cfg.ttl*2/3, r.lockerUp(ctx))
 	if released != nil {
 		// Before anything is acquired: a task this step claimed may need
 		// what the finished ones held.
@@ -380,7 +404,9 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 			r.c.met.refused(ctx, len(refused))
 		}
 	}
-	if late := time.Since(sent); late > r.w.cfg.ttl/3 && len(res.claimed) > 0 {
+	late := time.Since(sent)
+	r.stepTook(late)
+	if late > r.w.cfg.ttl/3 && len(res.claimed) > 0 {
 		// The step claimed with a heartbeat younger than two thirds of the
 		// TTL, which leaves a third of it to start the tasks. This worker
 		// was paused longer than that since (a stopped process, a
@@ -417,14 +443,14 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, free i
 	for _, t := range refused {
 		skip[t.ID] = true
 	}
-	batch := r.batches.Add(1)
+	admit := make([]*Task, 0, len(res.claimed)-len(refused))
 	for _, t := range res.claimed {
 		if !skip[t.ID] {
-			r.start(t, batch)
-			started++
+			admit = append(admit, t)
 		}
 	}
-	return started, again, next, lockErr
+	r.admit(admit, r.batches.Add(1), sent)
+	return len(admit), again, next, lockErr
 }
 
 // A releaseAcquirer is a LockSession that can release grants and acquire

@@ -142,9 +142,7 @@ func TestSiblingsFinishTogether(t *testing.T) {
 	go func() { done <- w.Run(rctx) }()
 	defer func() { stop(); require.NoError(t, <-done) }()
 	for _, task := range tasks {
-		got, err := c.Wait(ctx, task.ID)
-		require.NoError(t, err)
-		require.Equal(t, StateCompleted, got.State)
+		waitState(t, ctx, c, task.ID, StateCompleted)
 	}
 	mu.Lock()
 	defer mu.Unlock()

@@ -75,12 +75,14 @@ func TaskFromContext(ctx context.Context) *Task {
 type WorkerOption func(*workerConfig)
 
 type workerConfig struct {
-	slots int
-	conns int
-	name  string
-	poll  time.Duration
-	grace time.Duration
-	ttl   time.Duration
+	slots    int
+	conns    int
+	name     string
+	poll     time.Duration
+	grace    time.Duration
+	ttl      time.Duration
+	ahead    int // WithClaimAhead
+	aheadSet bool
 
 	middleware []Middleware // WithMiddleware
 	onError    ErrorHandler // WithErrorHandler
@@ -88,6 +90,7 @@ type workerConfig struct {
 	periodic   []periodic
 
 	siblingWait time.Duration  // see awaitSiblings; tests lengthen it
+	aheadWait   time.Duration  // see ahead.go; tests change it
 	afterClaim  func()         // tests: runs between a step's claim and the start of its tasks
 	onStep      func(outs int) // tests: runs before each step with the outcomes it writes
 	skipBeat    func() bool    // tests: true skips a heartbeat (and its cleanup)
@@ -128,6 +131,24 @@ func WithPollInterval(d time.Duration) WorkerOption { return func(c *workerConfi
 // [Worker.Stop]). Default: 10s.
 func WithShutdownGrace(d time.Duration) WorkerOption { return func(c *workerConfig) { c.grace = d } }
 
+// WithClaimAhead sets how many tasks a worker may claim beyond its free
+// slots, to start as its handlers return. A step (one statement and
+// commit, and one locker call) costs about the same for one task as for
+// thirty, so a worker with few slots spends a step on few tasks; claiming
+// ahead lets its steps carry more (mix, 16 processes × 5 slots on 2
+// cores: docs/design.md §6). The worker claims ahead only while its
+// handlers return faster than a step takes, and no more than its slots run
+// in that time, so a task claimed ahead waits less than a step would take
+// to claim it; one that has not started 50 ms after its claim (a handler
+// ran longer than the worker measured) is put back to waiting, with its
+// place in line, as are those still waiting at shutdown. A task claimed
+// ahead is running for the database (started_at is its claim) and holds
+// its locks while it waits. 0 turns it off. Default: enough for a step to
+// carry 32 tasks (32 minus the slots; none from 32 slots up).
+func WithClaimAhead(n int) WorkerOption {
+	return func(c *workerConfig) { c.ahead, c.aheadSet = n, true }
+}
+
 // WithHeartbeatTTL sets after how long without a heartbeat a worker counts
 // as gone. Heartbeats are sent every TTL/3. Default: 30s.
 func WithHeartbeatTTL(d time.Duration) WorkerOption { return func(c *workerConfig) { c.ttl = d } }
@@ -157,6 +178,7 @@ func NewWorker(c *Client, opts ...WorkerOption) *Worker {
 		ttl:   30 * time.Second,
 
 		siblingWait: siblingWait,
+		aheadWait:   aheadWait,
 	}
 	for _, o := range opts {
 		o(&cfg)
@@ -166,6 +188,9 @@ func NewWorker(c *Client, opts ...WorkerOption) *Worker {
 		if cfg.slots >= manySlots {
 			cfg.conns = 2
 		}
+	}
+	if !cfg.aheadSet {
+		cfg.ahead = max(aheadTarget-cfg.slots, 0)
 	}
 	return &Worker{c: c, cfg: cfg, handlers: make(map[string]handler)}
 }
@@ -347,6 +372,8 @@ func (w *Worker) validate() error {
 		return inputErr("shutdown grace", "%v, need >= 0", w.cfg.grace)
 	case w.cfg.ttl <= 0:
 		return inputErr("heartbeat TTL", "%v, need > 0", w.cfg.ttl)
+	case w.cfg.ahead < 0:
+		return inputErr("claim ahead", "%d, need >= 0", w.cfg.ahead)
 	case w.cfg.name == "":
 		return inputErr("worker name", "empty")
 	case w.cfg.retention != nil && w.cfg.retention.validate() != nil:
