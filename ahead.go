@@ -2,6 +2,7 @@ package tasking
 
 import (
 	"context"
+	"slices"
 	"time"
 )
 
@@ -52,30 +53,35 @@ func (q *aheadTask) due(now time.Time) bool { return q.back || !now.Before(q.dea
 
 // aheadRoom is how many tasks beyond the free slots a step may claim now:
 // none unless handlers return faster than a step takes, and no more than
-// the slots run in a step's time (a task waits about ahead/slots handler
-// runs), at most WithClaimAhead. r.mu is held.
+// the slots run in a step's time, or in half of aheadWait (a task waits
+// about ahead/slots handler runs), at most WithClaimAhead. r.mu is held.
 func (r *run) aheadRoom() int {
 	if r.w.cfg.ahead <= 0 || r.draining || r.handlerAvg <= 0 || r.stepAvg <= 0 || r.handlerAvg >= r.stepAvg {
 		return 0
 	}
-	return int(min(int64(r.w.cfg.ahead), int64(r.w.cfg.slots)*int64(r.stepAvg)/int64(r.handlerAvg)))
+	span := min(r.stepAvg, r.w.cfg.aheadWait/2)
+	return int(min(int64(r.w.cfg.ahead), int64(r.w.cfg.slots)*int64(span)/int64(r.handlerAvg)))
 }
 
 // ewmaShift sets the weight of a new sample in the averages below: 1/8.
 const ewmaShift = 3
 
-// handlerTook and stepTook feed the averages that aheadRoom compares.
-// r.mu is held.
-func (r *run) handlerTook(d time.Duration) { r.handlerAvg += (d - r.handlerAvg) >> ewmaShift }
+// handlerTook and stepTook feed the averages that aheadRoom compares; the
+// first sample seeds each. r.mu is held for handlerTook.
+func (r *run) handlerTook(d time.Duration) { ewma(&r.handlerAvg, max(d, 1)) }
 
 func (r *run) stepTook(d time.Duration) {
 	r.mu.Lock()
-	if r.stepAvg == 0 {
-		r.stepAvg = d
-	} else {
-		r.stepAvg += (d - r.stepAvg) >> ewmaShift
-	}
+	ewma(&r.stepAvg, max(d, 1))
 	r.mu.Unlock()
+}
+
+func ewma(avg *time.Duration, d time.Duration) {
+	if *avg == 0 {
+		*avg = d
+	} else {
+		*avg += (d - *avg) >> ewmaShift
+	}
 }
 
 // admit queues the tasks a step claimed and starts as many as there are
@@ -91,9 +97,14 @@ func (r *run) admit(ts []*Task, batch uint64, sent time.Time) {
 		r.ahead = append(r.ahead, aheadTask{task: t, batch: batch, deadline: deadline})
 	}
 	next := r.takeAhead(now)
+	waiting := len(r.ahead) > 0
 	r.mu.Unlock()
 	for _, q := range next {
 		r.start(q.task, q.batch)
+	}
+	if waiting {
+		// Whichever step loop is free then puts back what is still waiting.
+		time.AfterFunc(time.Until(deadline)+time.Millisecond, r.signal)
 	}
 }
 
@@ -121,22 +132,17 @@ func (r *run) takeAhead(now time.Time) []aheadTask {
 	return took
 }
 
-// aheadDue reports whether a waiting task is due to be put back, and when
-// the next one will be (zero: none waits).
-func (r *run) aheadDue() (bool, time.Time) {
+// aheadDue reports whether a waiting task is due to be put back.
+func (r *run) aheadDue() bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	now := time.Now()
-	var next time.Time
 	for i := range r.ahead {
 		if r.ahead[i].due(now) {
-			return true, time.Time{}
-		}
-		if next.IsZero() || r.ahead[i].deadline.Before(next) {
-			next = r.ahead[i].deadline
+			return true
 		}
 	}
-	return false, next
+	return false
 }
 
 // isAhead reports whether task id waits here. r.mu is held.
@@ -149,29 +155,26 @@ func (r *run) isAhead(id int64) bool {
 	return false
 }
 
-// dropAhead marks the waiting tasks to be put back: all of them (shutdown,
-// the worker was declared lost), or, with lost, those of owners, whose
-// grants were lost. r.mu is held.
+// dropAhead marks waiting tasks to be put back: those of owners, or all of
+// them for nil; lost says their grants were lost, so there is nothing to
+// release. r.mu is held.
 func (r *run) dropAhead(owners []Owner, lost bool) {
 	for i := range r.ahead {
-		if !lost {
-			r.ahead[i].back = true
-			continue
-		}
-		for _, o := range owners {
-			if o.Worker == r.id && o.Task == r.ahead[i].task.ID {
-				r.ahead[i].back, r.ahead[i].lost = true, true
-			}
+		q := &r.ahead[i]
+		if owners == nil || slices.Contains(owners, Owner{r.id, q.task.ID}) {
+			q.back, q.lost = true, q.lost || lost
 		}
 	}
 }
 
 // giveBack puts the waiting tasks that are due back to waiting (all of
 // them with all set): their grants are released, then the claims undone,
-// guarded by owner and epoch, so each keeps its place in line. Failures
-// are logged: the heartbeat's sweep puts back a claimed task that runs
-// nowhere, and leases run out.
-func (r *run) giveBack(ctx context.Context, conn *workerConn, all bool) {
+// guarded by owner and epoch, so each keeps its place in line. It returns
+// outcomes for the step loop to write: those of tasks canceled while they
+// waited (a claim of a canceling task is not undone; it ends canceled).
+// Failures are logged: the heartbeat's sweep puts back a claimed task
+// that runs nowhere, and leases run out.
+func (r *run) giveBack(ctx context.Context, conn *workerConn, all bool) []outcome {
 	now := time.Now()
 	r.mu.Lock()
 	var back []aheadTask
@@ -179,10 +182,10 @@ func (r *run) giveBack(ctx context.Context, conn *workerConn, all bool) {
 	for _, q := range r.ahead {
 		switch {
 		case !q.back && q.due(now):
-			// It waited aheadWait: the handlers before it ran that long at
-			// least. Until handlers return fast again, claim no more ahead
-			// (else the next step would claim it again, and so on).
-			r.handlerAvg = max(r.handlerAvg, r.w.cfg.aheadWait)
+			// It waited its time out: the handlers before it ran longer
+			// than the averages said. Claim no more ahead until handlers
+			// return fast again (else the next step would claim it back).
+			r.handlerAvg = max(r.handlerAvg, r.w.cfg.aheadWait, r.stepAvg)
 			fallthrough
 		case all || q.back:
 			back = append(back, q)
@@ -192,13 +195,9 @@ func (r *run) giveBack(ctx context.Context, conn *workerConn, all bool) {
 	}
 	clear(r.ahead[len(keep):])
 	r.ahead = keep
-	next := r.takeAhead(now)
 	r.mu.Unlock()
-	for _, q := range next {
-		r.start(q.task, q.batch)
-	}
 	if len(back) == 0 {
-		return
+		return nil
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), stepTimeout)
 	defer cancel()
@@ -216,10 +215,21 @@ func (r *run) giveBack(ctx context.Context, conn *workerConn, all bool) {
 		}
 		r.c.met.grants(ctx, -len(owners))
 	}
-	if err := r.unclaim(ctx, conn, ts); err != nil {
+	put, err := r.unclaimed(ctx, conn, ts)
+	if err != nil {
 		r.log.Warn("tasking: put back tasks claimed ahead", "tasks", len(ts), "err", err)
-		return
+		return nil
 	}
-	r.log.Debug("tasking: put back tasks claimed ahead that did not start", "tasks", len(ts))
+	r.log.Debug("tasking: put back tasks claimed ahead that did not start", "tasks", len(put))
 	r.signal() // they are ready again
+	var outs []outcome
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, q := range back {
+		if !put[q.task.ID] && !q.lost {
+			r.unsent[q.task.ID] = struct{}{}
+			outs = append(outs, outcome{task: q.task, state: StateCanceled, err: ErrCanceled.Error(), batch: q.batch})
+		}
+	}
+	return outs
 }

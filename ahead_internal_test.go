@@ -109,26 +109,39 @@ func TestClaimAheadKeepsSlotsAndOrder(t *testing.T) {
 	require.Greater(t, biggest, 2, "some step finished more tasks than the worker has slots: it claimed ahead (steps %v)", steps)
 }
 
-// aheadSetup starts a worker with one slot that claims up to 4 ahead, primes
-// its averages with quick tasks, and dispatches a blocking task and 4 more
-// behind it, each on a resource of its own, which the worker claims ahead.
-// The blocking task returns when release is closed or its context is done.
-func aheadSetup(t *testing.T, ctx context.Context, c *Client, wait time.Duration) (w *Worker, stop func() error, after []*Task, release chan struct{}) {
+// aheadEnv is a worker with one slot that claims up to 4 ahead, whose
+// averages were primed with quick tasks, running a blocking task (until
+// release is closed or its context is done) with 4 quick tasks claimed
+// ahead behind it, each on a resource of its own. causes holds the cause of
+// each quick handler's context when it returned (nil: not canceled).
+type aheadEnv struct {
+	w       *Worker
+	stop    func() error
+	after   []*Task
+	release chan struct{}
+	causes  sync.Map // task id -> error
+}
+
+func aheadSetup(t *testing.T, ctx context.Context, c *Client, wait time.Duration) *aheadEnv {
 	t.Helper()
-	w = NewWorker(c, WithWorkerName("first"), WithSlots(1), WithClaimAhead(4), WithPollInterval(50*time.Millisecond))
+	e := &aheadEnv{release: make(chan struct{})}
+	w := NewWorker(c, WithWorkerName("first"), WithSlots(1), WithClaimAhead(4), WithPollInterval(50*time.Millisecond))
 	w.cfg.aheadWait = wait
-	release = make(chan struct{})
+	e.w = w
 	started := make(chan struct{})
-	w.Handle("quick", func(context.Context, *Task) error { return nil })
+	w.Handle("quick", func(ctx context.Context, task *Task) error {
+		e.causes.Store(task.ID, context.Cause(ctx))
+		return nil
+	})
 	w.Handle("block", func(ctx context.Context, _ *Task) error {
 		close(started)
 		select {
-		case <-release:
+		case <-e.release:
 		case <-ctx.Done():
 		}
 		return nil
 	})
-	stop = runWorker(t, ctx, w)
+	e.stop = runWorker(t, ctx, w)
 	var prime []TaskSpec
 	for range 20 {
 		prime = append(prime, Spec("quick", nil))
@@ -146,9 +159,9 @@ func aheadSetup(t *testing.T, ctx context.Context, c *Client, wait time.Duration
 	ts, err := c.DispatchMany(ctx, specs...)
 	require.NoError(t, err)
 	<-started
-	after = ts[1:]
+	e.after = ts[1:]
 	require.Eventually(t, func() bool {
-		for _, a := range after {
+		for _, a := range e.after {
 			got, err := c.Get(ctx, a.ID)
 			require.NoError(t, err)
 			if got.State != StateRunning || got.WorkerID != w.ID() {
@@ -157,7 +170,7 @@ func aheadSetup(t *testing.T, ctx context.Context, c *Client, wait time.Duration
 		}
 		return true
 	}, 10*time.Second, 5*time.Millisecond, "the tasks behind the blocking one are claimed ahead")
-	return w, stop, after, release
+	return e
 }
 
 // TestClaimAheadPutBackAtShutdown: tasks claimed ahead that have not started
@@ -166,11 +179,11 @@ func aheadSetup(t *testing.T, ctx context.Context, c *Client, wait time.Duration
 func TestClaimAheadPutBackAtShutdown(t *testing.T) {
 	t.Parallel()
 	c, ctx := aheadClient(t)
-	_, stop, after, release := aheadSetup(t, ctx, c, time.Minute)
+	e := aheadSetup(t, ctx, c, time.Minute)
 	stopped := make(chan error, 1)
-	go func() { stopped <- stop() }()
+	go func() { stopped <- e.stop() }()
 	require.Eventually(t, func() bool {
-		for _, a := range after {
+		for _, a := range e.after {
 			got, err := c.Get(ctx, a.ID)
 			require.NoError(t, err)
 			if got.State != StateWaiting {
@@ -179,9 +192,9 @@ func TestClaimAheadPutBackAtShutdown(t *testing.T) {
 		}
 		return true
 	}, 10*time.Second, 5*time.Millisecond, "put back at shutdown")
-	close(release)
+	close(e.release)
 	require.NoError(t, <-stopped)
-	runsAfterPutBack(t, ctx, c, after)
+	runsAfterPutBack(t, ctx, c, e.after)
 }
 
 // runsAfterPutBack starts a second worker and checks that it runs the tasks
@@ -216,26 +229,56 @@ func waitState(t *testing.T, ctx context.Context, c *Client, id int64, want Stat
 func TestClaimAheadPutBackWhenSlow(t *testing.T) {
 	t.Parallel()
 	c, ctx := aheadClient(t)
-	_, _, after, release := aheadSetup(t, ctx, c, 100*time.Millisecond)
-	defer close(release)
-	runsAfterPutBack(t, ctx, c, after)
+	e := aheadSetup(t, ctx, c, 100*time.Millisecond)
+	defer close(e.release)
+	runsAfterPutBack(t, ctx, c, e.after)
 }
 
 // TestClaimAheadCancel: a task canceled while it waits for a slot ends
-// canceled once it gets one, without running as if nothing happened.
+// canceled, its handler started with a canceled context.
 func TestClaimAheadCancel(t *testing.T) {
 	t.Parallel()
 	c, ctx := aheadClient(t)
-	_, _, after, release := aheadSetup(t, ctx, c, time.Minute)
-	require.NoError(t, c.Cancel(ctx, after[1].ID))
-	close(release)
-	for i, a := range after {
-		want := StateCompleted
+	e := aheadSetup(t, ctx, c, time.Minute)
+	require.NoError(t, c.Cancel(ctx, e.after[1].ID))
+	// The cancel reaches the worker by a message (or its heartbeat's sweep,
+	// seconds later); give the message ample time.
+	time.Sleep(time.Second)
+	close(e.release)
+	for i, a := range e.after {
+		want, cause := StateCompleted, error(nil)
 		if i == 1 {
-			want = StateCanceled
+			want, cause = StateCanceled, ErrCanceled
 		}
 		waitState(t, ctx, c, a.ID, want)
+		got, ok := e.causes.Load(a.ID)
+		require.True(t, ok, "task %d ran", a.ID)
+		require.Equal(t, cause, got, "task %d", a.ID)
 	}
+}
+
+// TestClaimAheadCancelThenShutdown: a task canceled while it waits for a slot
+// is not put back when the worker stops: it ends canceled, at once.
+func TestClaimAheadCancelThenShutdown(t *testing.T) {
+	t.Parallel()
+	c, ctx := aheadClient(t)
+	e := aheadSetup(t, ctx, c, time.Minute)
+	require.NoError(t, c.Cancel(ctx, e.after[1].ID))
+	stopped := make(chan error, 1)
+	go func() { stopped <- e.stop() }()
+	waitState(t, ctx, c, e.after[1].ID, StateCanceled)
+	close(e.release)
+	require.NoError(t, <-stopped)
+	for i, a := range e.after {
+		if i == 1 {
+			continue
+		}
+		got, err := c.Get(ctx, a.ID)
+		require.NoError(t, err)
+		require.Equal(t, StateWaiting, got.State, "task %d put back", a.ID)
+	}
+	_, ran := e.causes.Load(e.after[1].ID)
+	require.False(t, ran, "the canceled task's handler never ran")
 }
 
 // TestClaimAheadOption: the default claims ahead up to 32 tasks in a step,

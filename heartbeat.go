@@ -52,7 +52,7 @@ func (r *run) beat(ctx context.Context) {
 		for _, a := range r.active {
 			a.cancel(ErrWorkerLost)
 		}
-		r.dropAhead(nil, false) // guarded by epoch, putting them back changes nothing
+		r.dropAhead(nil, false) // cleanup failed them; their grants are released
 		r.mu.Unlock()
 		r.signal()
 		if err := r.fleet.Reinstate(ctx, r.id, r.self, r.w.cfg.ttl); err != nil && ctx.Err() == nil {

@@ -132,10 +132,12 @@ func newQueries(schema string) queries {
 		// Puts back tasks this worker claimed but will not run (their locks
 		// were refused, or the step's reply was lost), guarded by owner and
 		// epoch. Their line entries never left: they keep their place. The
-		// claim did not run the handler, so it is not an attempt.
+		// claim did not run the handler, so it is not an attempt. Returns
+		// the ids it put back.
 		unclaim: `UPDATE ` + s + `.tasks t SET state = 'waiting', worker_id = NULL, started_at = NULL, attempt = t.attempt - 1
 			FROM unnest($2::bigint[], $3::int[]) AS v(id, epoch)
-			WHERE t.id = v.id AND t.epoch = v.epoch AND t.worker_id = $1 AND t.state = 'running'`,
+			WHERE t.id = v.id AND t.epoch = v.epoch AND t.worker_id = $1 AND t.state = 'running'
+			RETURNING t.id`,
 	}
 }
 

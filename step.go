@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"slices"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 )
 
 // The step loop is the worker's engine. One step is one statement on the
@@ -41,8 +43,7 @@ func (r *run) loop(ctx context.Context, conn *workerConn) {
 	poll := time.NewTimer(r.pollEvery())
 	defer poll.Stop()
 	var retry <-chan time.Time
-	var due <-chan time.Time    // the earliest retry or scheduled task is due
-	var expire <-chan time.Time // a task claimed ahead is due to be put back
+	var due <-chan time.Time // the earliest retry or scheduled task is due
 	var dueAt time.Time
 	var pending []outcome
 	results := r.results
@@ -60,11 +61,8 @@ func (r *run) loop(ctx context.Context, conn *workerConn) {
 			// (a task claimed now would start under a canceled context).
 			stopping, done = true, nil
 		}
-		if put, next := r.aheadDue(); put || stopping && results == nil && len(pending) == 0 {
-			r.giveBack(ctx, conn, stopping && results == nil)
-			expire = nil
-		} else if !next.IsZero() && expire == nil {
-			expire = time.After(time.Until(next) + time.Millisecond)
+		if r.aheadDue() || stopping && results == nil && len(pending) == 0 {
+			pending = append(pending, r.giveBack(ctx, conn, stopping && results == nil)...)
 		}
 		if stopping && results == nil && len(pending) == 0 {
 			return
@@ -102,8 +100,6 @@ func (r *run) loop(ctx context.Context, conn *workerConn) {
 				retry, woken = nil, true
 			case <-due:
 				due, dueAt, woken = nil, time.Time{}, true
-			case <-expire:
-				expire = nil
 			}
 			continue
 		}
@@ -405,7 +401,9 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, claim,
 		}
 	}
 	late := time.Since(sent)
-	r.stepTook(late)
+	if late <= r.w.cfg.ttl/3 {
+		r.stepTook(late)
+	}
 	if late > r.w.cfg.ttl/3 && len(res.claimed) > 0 {
 		// The step claimed with a heartbeat younger than two thirds of the
 		// TTL, which leaves a third of it to start the tasks. This worker
@@ -516,12 +514,30 @@ func (r *run) lockerUp(ctx context.Context) bool {
 // by owner and epoch. They keep their place: their entries never left the
 // lines.
 func (r *run) unclaim(ctx context.Context, conn *workerConn, ts []*Task) error {
+	_, err := r.unclaimed(ctx, conn, ts)
+	return err
+}
+
+// unclaimed is unclaim, and says which tasks it put back: not those that
+// were canceled meanwhile, nor those no longer this worker's.
+func (r *run) unclaimed(ctx context.Context, conn *workerConn, ts []*Task) (map[int64]bool, error) {
 	ids, epochs := make([]int64, len(ts)), make([]int32, len(ts))
 	for i, t := range ts {
 		ids[i], epochs[i] = t.ID, int32(t.Epoch)
 	}
-	_, err := conn.Exec(ctx, r.c.q.unclaim, r.id, ids, epochs)
-	return err
+	rows, err := conn.Query(ctx, r.c.q.unclaim, r.id, ids, epochs)
+	if err != nil {
+		return nil, err
+	}
+	back, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+	if err != nil {
+		return nil, err
+	}
+	put := make(map[int64]bool, len(back))
+	for _, id := range back {
+		put[id] = true
+	}
+	return put, nil
 }
 
 func ownersOf(reqs []LockRequest) []Owner {
