@@ -72,7 +72,10 @@ func TestStepsKeepWorkerAlive(t *testing.T) {
 	defer cancel()
 	require.NoError(t, c.Migrate(ctx))
 
-	const ttl = 600 * time.Millisecond
+	// Steps refresh the heartbeat between a third and two thirds of the TTL
+	// old; a loaded machine (the suite under -race) can stall a step for a
+	// few hundred milliseconds, which a shorter TTL did not survive.
+	const ttl = 1200 * time.Millisecond
 	run := func(w *Worker) {
 		rctx, stop := context.WithCancel(ctx)
 		done := make(chan error, 1)
