@@ -54,6 +54,7 @@ type Config struct {
 	Repeat        int           // trials per locker, interleaved; the report shows medians
 	PoolConns     int32         // worker pool size per process (0: pgx's default)
 	Conns         int           // tasking.WithConnections of each worker process (0: its default)
+	ClaimAhead    int           // tasking.WithClaimAhead of each worker process (-1: its default)
 	Poll          time.Duration // worker fallback poll interval
 	Out           string        // output prefix: <out>.json, <out>.svg
 	DSN, Redis    string
@@ -154,6 +155,7 @@ type reportConfig struct {
 	Repeat        int      `json:"repeat"`
 	PoolConns     int32    `json:"pool_conns"`
 	Conns         int      `json:"conns,omitempty"`
+	ClaimAhead    int      `json:"claim_ahead"` // -1: the library's default
 	PgBouncer     int      `json:"pgbouncer_pool,omitempty"`
 	PgBouncerV    string   `json:"pgbouncer_version,omitempty"`
 	Seed          uint64   `json:"seed"`
@@ -205,7 +207,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		Lockers: cfg.Lockers, Workload: cfg.Workload, Mode: cfg.Mode, Tasks: cfg.Tasks, Slots: cfg.Slots,
 		Procs: cfg.Procs, Body: bodyString(cfg.Body), Rate: cfg.Rate, Dispatchers: cfg.Dispatchers, DispatchProcs: cfg.DispatchProcs,
 		Batch: cfg.Batch, StopAfter: cfg.StopAfter, Repeat: cfg.Repeat, PoolConns: cfg.PoolConns,
-		Conns: cfg.Conns, PgBouncer: cfg.PgBouncer, Seed: cfg.Seed, GOMAXPROCS: numCPU(),
+		Conns: cfg.Conns, ClaimAhead: cfg.ClaimAhead, PgBouncer: cfg.PgBouncer, Seed: cfg.Seed, GOMAXPROCS: numCPU(),
 		WorkerProcs: cfg.WorkerMaxProcs,
 	}}
 	if cfg.RedisKeepAlive > 0 {
@@ -411,7 +413,7 @@ func (t *trial) run(ctx context.Context) (res *Result, err error) {
 			slots++
 		}
 		specs[i] = workerSpec{DSN: cfg.DSN, Schema: t.schema, Locker: t.locker, Redis: cfg.Redis,
-			Namespace: t.schema, Slots: slots, PoolConns: cfg.PoolConns, Conns: cfg.Conns, Body: cfg.Body, Poll: cfg.Poll,
+			Namespace: t.schema, Slots: slots, PoolConns: cfg.PoolConns, Conns: cfg.Conns, ClaimAhead: cfg.ClaimAhead, Body: cfg.Body, Poll: cfg.Poll,
 			Index: i, LogLevel: cfg.LogLevel, Progress: sampleEvery(cfg.Procs),
 			MaxProcs: cfg.WorkerMaxProcs, RedisKeepAlive: cfg.RedisKeepAlive}
 		if t.bouncer != nil {

@@ -28,8 +28,9 @@ type workerSpec struct {
 	Redis      string        `json:"redis"`
 	Namespace  string        `json:"namespace"`
 	Slots      int           `json:"slots"`
-	PoolConns  int32         `json:"pool_conns"` // 0: pgx's default
-	Conns      int           `json:"conns"`      // tasking.WithConnections; 0: its default
+	PoolConns  int32         `json:"pool_conns"`  // 0: pgx's default
+	Conns      int           `json:"conns"`       // tasking.WithConnections; 0: its default
+	ClaimAhead int           `json:"claim_ahead"` // tasking.WithClaimAhead; -1: its default
 	Body       time.Duration `json:"body"`
 	Poll       time.Duration `json:"poll"`
 	Index      int           `json:"index"`
@@ -154,6 +155,9 @@ func runWorker(ctx context.Context, spec workerSpec, start <-chan struct{}, emit
 		tasking.WithWorkerName(fmt.Sprintf("bench-%s-%d-%d", spec.Locker, spec.Index, os.Getpid()))}
 	if spec.Conns > 0 {
 		wopts = append(wopts, tasking.WithConnections(spec.Conns))
+	}
+	if spec.ClaimAhead >= 0 {
+		wopts = append(wopts, tasking.WithClaimAhead(spec.ClaimAhead))
 	}
 	w := tasking.NewWorker(client, wopts...)
 	var done atomic.Int64
