@@ -123,11 +123,14 @@ func (b *redisBus) tell(ctx context.Context, msg string) error {
 	if b.l.rdb == nil {
 		return inputErr("redis client", "nil rueidis.Client")
 	}
+	parent := ctx
 	ctx, cancel := context.WithTimeout(ctx, publishTimeout)
 	defer cancel()
 	// Only workers tell: their locker's health says once that Redis is gone.
 	if err := b.send(ctx, msg); err != nil {
-		b.l.health.failed(b.log, b.l.rdb, "message to the other workers", err)
+		if parent.Err() == nil { // not the worker's shutdown canceling it
+			b.l.health.failed(b.log, b.l.rdb, "message to the other workers", err)
+		}
 		return err
 	}
 	b.l.health.ok(b.log)
