@@ -103,8 +103,13 @@ func (r *run) admit(ts []*Task, batch uint64, sent time.Time) {
 		r.start(q.task, q.batch)
 	}
 	if waiting {
-		// Whichever step loop is free then puts back what is still waiting.
-		time.AfterFunc(time.Until(deadline)+time.Millisecond, r.signal)
+		// Whichever step loop is free then puts back what is still waiting
+		// (usually nothing: a wake-up for nothing would cost a step).
+		time.AfterFunc(time.Until(deadline)+time.Millisecond, func() {
+			if r.aheadDue() {
+				r.signal()
+			}
+		})
 	}
 }
 
