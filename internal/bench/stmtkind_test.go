@@ -2,9 +2,13 @@ package bench
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 
 	"github.com/tasking-go/tasking"
 	"github.com/tasking-go/tasking/internal/testdb"
@@ -88,5 +92,25 @@ func TestStmtKindsCoverTheLibrary(t *testing.T) {
 		if kinds[want] == 0 {
 			t.Errorf("no %q statement counted (kinds %v)", want, kinds)
 		}
+	}
+}
+
+// A dial the process canceled itself is not a connection error; a refused
+// one is.
+func TestConnectErrorsCountRefusalsOnly(t *testing.T) {
+	var failed int
+	tr := newStmtTracer(func(ev connEvent) {
+		if ev.Failed {
+			failed++
+		}
+	})
+	ctx := context.Background()
+	tr.TraceConnectEnd(ctx, pgx.TraceConnectEndData{Err: fmt.Errorf("dial error: %w", context.Canceled)})
+	if failed != 0 {
+		t.Fatalf("a canceled dial counted as a connection error")
+	}
+	tr.TraceConnectEnd(ctx, pgx.TraceConnectEndData{Err: errors.New("sorry, too many clients already")})
+	if failed != 1 {
+		t.Fatalf("a refused connection was not counted: %d", failed)
 	}
 }

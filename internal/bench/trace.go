@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"errors"
 	"net"
 	"sort"
 	"strings"
@@ -98,6 +99,11 @@ func (t *stmtTracer) TraceConnectStart(ctx context.Context, _ pgx.TraceConnectSt
 }
 func (t *stmtTracer) TraceConnectEnd(_ context.Context, d pgx.TraceConnectEndData) {
 	if t.onConnect == nil {
+		return
+	}
+	if errors.Is(d.Err, context.Canceled) {
+		// Given up by the process itself (a dial still in flight when a
+		// worker process stops, at the end of a run), not refused.
 		return
 	}
 	if d.Err != nil || d.Conn == nil {
