@@ -201,3 +201,39 @@ func TestRedisFreeWorker(t *testing.T) {
 	require.Zero(t, n, "the gone worker's registry must be empty")
 	require.NoError(t, l.freeWorker(ctx, schema, 7), "freeing twice is a no-op")
 }
+
+// TestRedisRenewFreesWhatALostOwnerStillHolds: an owner that lost one of its
+// names (here its key was deleted, as after a lost lease taken over) is
+// reported lost by the next renewal, and that renewal frees its other names
+// at once, exclusive and shared, rather than holding them for the rest of
+// the lease.
+func TestRedisRenewFreesWhatALostOwnerStillHolds(t *testing.T) {
+	t.Parallel()
+	ns := testdb.Name("renewfree")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	rdb := testRedis(t)
+	l := NewRedisLocker(rdb, WithRedisNamespace(ns), WithRedisLease(time.Minute), WithRedisRenewInterval(50*time.Second))
+	lost := newLostRecord()
+	a, err := l.Open(ctx, LockSessionConfig{Worker: 1, Schema: "unused", OnLost: lost.onLost})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, a.Close(context.Background())) }()
+	b, err := l.Open(ctx, LockSessionConfig{Worker: 2, Schema: "unused"})
+	require.NoError(t, err)
+	defer func() { require.NoError(t, b.Close(context.Background())) }()
+
+	ownerA := Owner{Worker: 1, Task: 10}
+	f, err := a.TryAcquire(ctx, []LockRequest{{Owner: ownerA, Exclusive: []string{"p", "q"}, Shared: []string{"r"}}})
+	require.NoError(t, err)
+	require.Positive(t, f[0])
+	require.NoError(t, rdb.Do(ctx, rdb.B().Del().Key(redisTag(ns)+"x:p").Build()).Error())
+
+	require.NoError(t, a.(*redisSession).renewOnce())
+	lost.mu.Lock()
+	require.Equal(t, []Owner{ownerA}, lost.owners)
+	lost.mu.Unlock()
+
+	f, err = b.TryAcquire(ctx, []LockRequest{{Owner: Owner{Worker: 2, Task: 11}, Exclusive: []string{"q", "r"}}})
+	require.NoError(t, err)
+	require.Positive(t, f[0], "q and r were freed by the renewal, not held for the minute-long lease")
+}
