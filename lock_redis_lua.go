@@ -14,22 +14,29 @@ import "github.com/redis/rueidis"
 // Times are the server's (redis.call('TIME')), in milliseconds, so the
 // workers' clocks never matter.
 
+// dropName frees one name of an owner: an exclusive name's string if the
+// owner still holds it, or the owner's place in a shared name's set.
+const dropName = `
+local function dropName(owner, excl, xk, sk)
+  if excl then
+    if redis.call('GET', xk) == owner then
+      redis.call('DEL', xk)
+    end
+  else
+    redis.call('ZREM', sk, owner)
+  end
+end
+`
+
 // releaseOwners is the loop that releaseLua and acquireLua share: for each
 // owner in ARGV[a..last] (owner, #exclusive, #shared), compare-and-delete
 // its names, starting at KEYS[k], and drop it from the registry KEYS[regk].
-const releaseOwners = `
+const releaseOwners = dropName + `
 while a <= last do
   local owner, nx, ns = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   a = a + 3
   for i = 0, nx + ns - 1 do
-    local xk, sk = KEYS[k + 2 * i], KEYS[k + 2 * i + 1]
-    if i < nx then
-      if redis.call('GET', xk) == owner then
-        redis.call('DEL', xk)
-      end
-    else
-      redis.call('ZREM', sk, owner)
-    end
+    dropName(owner, i < nx, KEYS[k + 2 * i], KEYS[k + 2 * i + 1])
   end
   redis.call('HDEL', KEYS[regk], owner)
   k = k + 2 * (nx + ns)
@@ -122,7 +129,7 @@ return out
 // their names (lease ran out, another owner took a name, Redis lost its
 // data). What such an owner still holds is freed at once: it is going to be
 // canceled, and holding part of its names would only block others.
-var renewLua = rueidis.NewLuaScript(`
+var renewLua = rueidis.NewLuaScript(dropName + `
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease = tonumber(ARGV[1])
@@ -154,12 +161,8 @@ while a <= #ARGV do
       if redis.call('PTTL', sk) < lease then
         redis.call('PEXPIRE', sk, lease)
       end
-    elseif i < nx then
-      if redis.call('GET', xk) == owner then
-        redis.call('DEL', xk)
-      end
     else
-      redis.call('ZREM', sk, owner)
+      dropName(owner, i < nx, xk, sk)
     end
   end
   if not ok then
