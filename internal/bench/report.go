@@ -254,7 +254,7 @@ func (rep *Report) Markdown(w io.Writer) {
 	}
 
 	// Statements by kind.
-	fmt.Fprintf(w, "\nPostgreSQL statements per task by kind (median run):\n\n| |")
+	fmt.Fprintf(w, "\nPostgreSQL statements per task by kind (median run), with the count and the mean time from send to result:\n\n| |")
 	for _, col := range cols {
 		fmt.Fprintf(w, " %s |", col.key)
 	}
@@ -274,13 +274,17 @@ func (rep *Report) Markdown(w io.Writer) {
 	for _, k := range kinds {
 		fmt.Fprintf(w, "| %s |", k)
 		for _, col := range cols {
-			var n int64
+			var n, ns int64
 			for _, kc := range col.median.StmtKinds {
 				if kc.Kind == k {
-					n = kc.N
+					n, ns = kc.N, kc.Ns
 				}
 			}
-			fmt.Fprintf(w, " %.4f (%d) |", perTask(n, col.median), n)
+			mean := ""
+			if n > 0 && ns > 0 {
+				mean = fmt.Sprintf(", %.2f ms", float64(ns)/float64(n)/1e6)
+			}
+			fmt.Fprintf(w, " %.4f (%d%s) |", perTask(n, col.median), n, mean)
 		}
 		fmt.Fprintln(w)
 	}

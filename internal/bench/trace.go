@@ -7,6 +7,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 )
@@ -26,6 +27,7 @@ type stmtTracer struct {
 
 	mu       sync.Mutex
 	bySQL    map[string]int64
+	nsBySQL  map[string]int64 // time from send to result, summed
 	prepares int64
 	notifies int64 // dispatch calls that NOTIFY (a non-empty channel argument)
 }
@@ -40,7 +42,7 @@ type connEvent struct {
 }
 
 func newStmtTracer(onConnect func(connEvent)) *stmtTracer {
-	return &stmtTracer{onConnect: onConnect, bySQL: make(map[string]int64)}
+	return &stmtTracer{onConnect: onConnect, bySQL: make(map[string]int64), nsBySQL: make(map[string]int64)}
 }
 
 var (
@@ -66,11 +68,30 @@ func (t *stmtTracer) count(sql string, args []any) {
 	t.mu.Unlock()
 }
 
+// queryStart is what TraceQueryStart leaves in the context for
+// TraceQueryEnd.
+type queryStart struct {
+	sql string
+	at  time.Time
+}
+
+type queryStartKey struct{}
+
 func (t *stmtTracer) TraceQueryStart(ctx context.Context, _ *pgx.Conn, d pgx.TraceQueryStartData) context.Context {
 	t.count(d.SQL, d.Args)
-	return ctx
+	return context.WithValue(ctx, queryStartKey{}, queryStart{d.SQL, time.Now()})
 }
-func (t *stmtTracer) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
+
+func (t *stmtTracer) TraceQueryEnd(ctx context.Context, _ *pgx.Conn, _ pgx.TraceQueryEndData) {
+	q, ok := ctx.Value(queryStartKey{}).(queryStart)
+	if !ok {
+		return
+	}
+	ns := time.Since(q.at).Nanoseconds()
+	t.mu.Lock()
+	t.nsBySQL[q.sql] += ns
+	t.mu.Unlock()
+}
 
 func (t *stmtTracer) TraceBatchStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceBatchStartData) context.Context {
 	return ctx
@@ -121,16 +142,23 @@ func (t *stmtTracer) TraceConnectEnd(_ context.Context, d pgx.TraceConnectEndDat
 func (t *stmtTracer) snapshot() stmtCounts {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	c := stmtCounts{BySQL: make(map[string]int64, len(t.bySQL)), Prepares: t.prepares, Notifies: t.notifies}
+	c := stmtCounts{BySQL: make(map[string]int64, len(t.bySQL)), NsBySQL: make(map[string]int64, len(t.nsBySQL)),
+		Prepares: t.prepares, Notifies: t.notifies}
 	for k, v := range t.bySQL {
 		c.BySQL[k] = v
+	}
+	for k, v := range t.nsBySQL {
+		c.NsBySQL[k] = v
 	}
 	return c
 }
 
 // stmtCounts is what a tracer counted; it travels from child processes as JSON.
 type stmtCounts struct {
-	BySQL    map[string]int64 `json:"by_sql"`
+	BySQL map[string]int64 `json:"by_sql"`
+	// NsBySQL sums the time of Query, QueryRow and Exec calls from send to
+	// result (batches and COPY are not timed).
+	NsBySQL  map[string]int64 `json:"ns_by_sql,omitempty"`
 	Prepares int64            `json:"prepares"`
 	Notifies int64            `json:"dispatch_notifies"`
 }
@@ -141,6 +169,12 @@ func (c *stmtCounts) add(o stmtCounts) {
 	}
 	for k, v := range o.BySQL {
 		c.BySQL[k] += v
+	}
+	if c.NsBySQL == nil && len(o.NsBySQL) > 0 {
+		c.NsBySQL = make(map[string]int64)
+	}
+	for k, v := range o.NsBySQL {
+		c.NsBySQL[k] += v
 	}
 	c.Prepares += o.Prepares
 	c.Notifies += o.Notifies
@@ -204,12 +238,16 @@ func stmtKind(sql string) string {
 // byKind sums counts by stmtKind, largest first.
 func (c stmtCounts) byKind() []kindCount {
 	m := make(map[string]int64)
+	ns := make(map[string]int64)
 	for sql, n := range c.BySQL {
 		m[stmtKind(sql)] += n
 	}
+	for sql, d := range c.NsBySQL {
+		ns[stmtKind(sql)] += d
+	}
 	out := make([]kindCount, 0, len(m))
 	for k, n := range m {
-		out = append(out, kindCount{k, n})
+		out = append(out, kindCount{Kind: k, N: n, Ns: ns[k]})
 	}
 	sort.Slice(out, func(i, j int) bool {
 		if out[i].N != out[j].N {
@@ -223,6 +261,7 @@ func (c stmtCounts) byKind() []kindCount {
 type kindCount struct {
 	Kind string `json:"kind"`
 	N    int64  `json:"n"`
+	Ns   int64  `json:"ns,omitempty"` // summed time of the timed ones (see stmtCounts.NsBySQL)
 }
 
 // wakeupCalls counts what the Redis locker promises not to send to
