@@ -47,6 +47,10 @@ type aheadTask struct {
 	deadline time.Time // put back if not started by then
 	back     bool      // put back now: shutdown, the worker was declared lost, or its grants were lost
 	lost     bool      // its grants were lost: nothing to release
+	// after: the task before it on its line, whose slot and grant it takes
+	// when that one's handler returns (chain.go); 0 for a task that waits
+	// for any slot. A chained task holds no grant while it waits.
+	after int64
 }
 
 func (q *aheadTask) due(now time.Time) bool { return q.back || !now.Before(q.deadline) }
@@ -85,8 +89,9 @@ func ewma(avg *time.Duration, d time.Duration) {
 }
 
 // admit queues the tasks a step claimed and starts as many as there are
-// free slots, oldest first; the rest wait for handlers to return.
-func (r *run) admit(ts []*Task, batch uint64, sent time.Time) {
+// free slots, oldest first; the rest wait for handlers to return. chained
+// wait for the tasks after says (chain.go).
+func (r *run) admit(ts, chained []*Task, after map[int64]int64, batch uint64, sent time.Time) {
 	now := time.Now()
 	deadline := now.Add(r.w.cfg.aheadWait)
 	if paused := sent.Add(r.w.cfg.ttl / 3); paused.Before(deadline) {
@@ -95,6 +100,12 @@ func (r *run) admit(ts []*Task, batch uint64, sent time.Time) {
 	r.mu.Lock()
 	for _, t := range ts {
 		r.ahead = append(r.ahead, aheadTask{task: t, batch: batch, deadline: deadline})
+	}
+	for _, t := range chained {
+		r.ahead = append(r.ahead, aheadTask{task: t, batch: batch, deadline: deadline, after: after[t.ID]})
+	}
+	if r.w.cfg.onChain != nil && len(chained) > 0 {
+		r.w.cfg.onChain(len(chained))
 	}
 	next := r.takeAhead(now)
 	waiting := len(r.ahead) > 0
@@ -124,7 +135,7 @@ func (r *run) takeAhead(now time.Time) []aheadTask {
 	var took []aheadTask
 	keep := r.ahead[:0]
 	for _, q := range r.ahead {
-		if room > 0 && !q.due(now) {
+		if room > 0 && !q.due(now) && q.after == 0 {
 			took = append(took, q)
 			room--
 			continue
@@ -182,6 +193,7 @@ func (r *run) dropAhead(owners []Owner, lost bool) {
 func (r *run) giveBack(ctx context.Context, conn *workerConn, all bool) []outcome {
 	now := time.Now()
 	r.mu.Lock()
+	r.chainBack(now)
 	var back []aheadTask
 	keep := r.ahead[:0]
 	for _, q := range r.ahead {
@@ -210,7 +222,7 @@ func (r *run) giveBack(ctx context.Context, conn *workerConn, all bool) []outcom
 	ts := make([]*Task, len(back))
 	for i, q := range back {
 		ts[i] = q.task
-		if !q.lost && len(q.task.Exclusive)+len(q.task.Shared) > 0 {
+		if !q.lost && q.after == 0 && len(q.task.Exclusive)+len(q.task.Shared) > 0 {
 			owners = append(owners, Owner{r.id, q.task.ID})
 		}
 	}
@@ -237,4 +249,39 @@ func (r *run) giveBack(ctx context.Context, conn *workerConn, all bool) []outcom
 		}
 	}
 	return outs
+}
+
+// chainBack marks the chained tasks behind a task that goes back to be put
+// back too: they may not start before it. r.mu is held.
+func (r *run) chainBack(now time.Time) {
+	for {
+		more := false
+		for i := range r.ahead {
+			q := &r.ahead[i]
+			if q.after == 0 || q.back {
+				continue
+			}
+			for j := range r.ahead {
+				if p := &r.ahead[j]; p.task.ID == q.after && p.due(now) {
+					q.back, more = true, true
+					break
+				}
+			}
+		}
+		if !more {
+			return
+		}
+	}
+}
+
+// aheadSlots is how many waiting tasks will take a slot of their own (a
+// chained one takes the slot of the task before it). r.mu is held.
+func (r *run) aheadSlots() int {
+	n := 0
+	for i := range r.ahead {
+		if r.ahead[i].after == 0 {
+			n++
+		}
+	}
+	return n
 }

@@ -142,16 +142,7 @@ func aheadSetup(t *testing.T, ctx context.Context, c *Client, wait time.Duration
 		return nil
 	})
 	e.stop = runWorker(t, ctx, w)
-	var prime []TaskSpec
-	for range 20 {
-		prime = append(prime, Spec("quick", nil))
-	}
-	ps, err := c.DispatchMany(ctx, prime...)
-	require.NoError(t, err)
-	for _, p := range ps {
-		_, err := c.Wait(ctx, p.ID)
-		require.NoError(t, err)
-	}
+	primeQuick(t, ctx, c)
 	specs := []TaskSpec{Spec("block", nil, Exclusive("b"))}
 	for i := range 4 {
 		specs = append(specs, Spec("quick", nil, Exclusive(fmt.Sprintf("a%d", i))))
@@ -171,6 +162,23 @@ func aheadSetup(t *testing.T, ctx context.Context, c *Client, wait time.Duration
 		return true
 	}, 10*time.Second, 5*time.Millisecond, "the tasks behind the blocking one are claimed ahead")
 	return e
+}
+
+// primeQuick runs 20 quick tasks (no resources) to the end, so that the
+// running worker's averages say its handlers return faster than its steps
+// take.
+func primeQuick(t *testing.T, ctx context.Context, c *Client) {
+	t.Helper()
+	var prime []TaskSpec
+	for range 20 {
+		prime = append(prime, Spec("quick", nil))
+	}
+	ps, err := c.DispatchMany(ctx, prime...)
+	require.NoError(t, err)
+	for _, p := range ps {
+		_, err := c.Wait(ctx, p.ID)
+		require.NoError(t, err)
+	}
 }
 
 // TestClaimAheadPutBackAtShutdown: tasks claimed ahead that have not started

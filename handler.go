@@ -88,8 +88,7 @@ func (r *run) settleHandler(hctx context.Context, t *Task, a *activeTask, err er
 	o := outcome{task: t, state: StateCompleted, owner: a.names, ran: a.ran(), progress: t.live.endProgress(),
 		batch: a.batch}
 	r.handlerTook(o.ran)
-	// The slot goes to the next task claimed ahead, if one waits.
-	next := r.takeAhead(time.Now())
+	now := time.Now()
 	r.progress.forget(t)
 	var why error // for the error handler
 	switch {
@@ -123,13 +122,21 @@ func (r *run) settleHandler(hctx context.Context, t *Task, a *activeTask, err er
 			o.state = StateRetrying // back in line at once
 		}
 	}
+	// The slot goes to the task behind this one on its line if one was
+	// claimed with it and may start (chain.go), else to the next task
+	// claimed ahead, if one waits.
+	succ, handOff := r.successor(t.ID, o.state != StateRetrying, now)
+	next := r.takeAhead(now)
 	r.mu.Unlock()
+	written := handOff && r.handOff(t, o, succ)
 	for _, q := range next {
 		r.start(q.task, q.batch)
 	}
 	r.failed(hctx, t, why)
 	endSpan(a.span, why)
-	r.send(o)
+	if !written {
+		r.send(o)
+	}
 }
 
 // retry is the state a failed attempt of t leaves it in: retrying (after

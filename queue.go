@@ -41,6 +41,7 @@ type queries struct {
 	finals   string
 	byIDs    string
 	step     string
+	pass     string // a chain's hand-off (chain.go)
 	unclaim  string
 	progress string
 
@@ -98,7 +99,8 @@ func newQueries(schema string) queries {
 		claimPeriod: fleet.ClaimPeriodSQL(s),
 		byIDs:       `SELECT ` + taskCols + ` FROM ` + s + `.tasks WHERE id = ANY($1)`,
 		step: `SELECT kind, id, name, args, exclusive, shared, epoch, created_at, started_at, timeout_ms, attempt, retry, unique_key, run_at
-			FROM ` + s + `.step($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)`,
+			FROM ` + s + `.step($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)`,
+		pass: `SELECT ` + s + `.pass($1, $2, $3, $4, $5, $6, $7, $8, $9)`,
 		// Progress reports of running tasks (progress.go), guarded by
 		// worker, epoch and state like every write of a worker.
 		progress: `UPDATE ` + s + `.tasks t SET progress = v.p::jsonb
@@ -395,14 +397,17 @@ func (c *Client) finals(ctx context.Context, ids []int64) ([]*Task, error) {
 type stepResult struct {
 	done      map[int64]bool // outcomes written (the others were no longer this worker's)
 	claimed   []*Task
+	chained   []*Task   // claimed behind tasks of claimed on their lines, in id order (chain.go)
 	left      int       // tasks that became ready and were not claimed by this step
 	handoffs  bool      // handoffs were left for a later step
 	nextRetry time.Time // when the earliest retry or scheduled task is due, zero for none
 }
 
 // step runs one worker step on conn (see step.go and the step function).
-// Only tasks that need no locks are claimed when locks is false.
-func (c *Client) step(ctx context.Context, conn *workerConn, worker int64, outs []outcome, names []string, policies string, free int, fresh time.Duration, locks bool) (stepResult, error) {
+// Only tasks that need no locks are claimed when locks is false; up to
+// chain tasks are claimed behind the claimed ones on their lines
+// (chain.go).
+func (c *Client) step(ctx context.Context, conn *workerConn, worker int64, outs []outcome, names []string, policies string, free, chain int, fresh time.Duration, locks bool) (stepResult, error) {
 	n := len(outs)
 	ids, epochs := make([]int64, n), make([]int32, n)
 	states, errs, results, progress := make([]string, n), make([]string, n), make([]*string, n), make([]*string, n)
@@ -422,7 +427,7 @@ func (c *Client) step(ctx context.Context, conn *workerConn, worker int64, outs 
 	res := stepResult{done: make(map[int64]bool, n)}
 	err := conn.use(ctx, func(conn *pgx.Conn) error {
 		rows, err := conn.Query(ctx, c.q.step, worker, ids, epochs, states, errs, results, names, free, fresh.Milliseconds(), locks,
-			progress, delays, policies)
+			progress, delays, policies, chain)
 		if err != nil {
 			return err
 		}
@@ -447,19 +452,23 @@ func (c *Client) step(ctx context.Context, conn *workerConn, worker int64, outs 
 			switch kind {
 			case 'f':
 				res.done[id] = true
-			case 'c':
-				res.claimed = append(res.claimed, &Task{
+			case 'c', 'n':
+				t := &Task{
 					ID: id, Name: *name, Args: args, Exclusive: excl, Shared: shared,
 					State: StateRunning, WorkerID: worker, Epoch: int(*epoch), CreatedAt: *created,
 					StartedAt: *started, Timeout: time.Duration(*timeout) * time.Millisecond,
 					Attempt: int(*attempt), Retry: decodeRetry(retry),
-				})
-				t := res.claimed[len(res.claimed)-1]
+				}
 				if unique != nil {
 					t.UniqueKey = *unique
 				}
 				if runAt != nil {
 					t.RunAt = *runAt
+				}
+				if kind == 'c' {
+					res.claimed = append(res.claimed, t)
+				} else {
+					res.chained = append(res.chained, t)
 				}
 			case 's':
 				res.left = int(id)

@@ -135,7 +135,7 @@ func TestReadyMatchesModel(t *testing.T) {
 					delete(running, id)
 				}
 			}
-			res, err := c.step(ctx, conn, worker, outs, []string{"t"}, "{}", rng.IntN(4), time.Hour, true)
+			res, err := c.step(ctx, conn, worker, outs, []string{"t"}, "{}", rng.IntN(4), 0, time.Hour, true)
 			require.NoError(t, err)
 			require.Len(t, res.done, len(outs))
 			for _, tk := range res.claimed {
@@ -292,7 +292,7 @@ func TestReadyMatchesModelTime(t *testing.T) {
 					delete(running, id)
 				}
 			}
-			res, err := c.step(ctx, conn, worker, outs, []string{"t"}, "{}", rng.IntN(4), time.Hour, true)
+			res, err := c.step(ctx, conn, worker, outs, []string{"t"}, "{}", rng.IntN(4), 0, time.Hour, true)
 			require.NoError(t, err)
 			require.Len(t, res.done, len(outs))
 			// The step put the due retries and scheduled tasks back in line

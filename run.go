@@ -50,7 +50,8 @@ type run struct {
 	launching int
 	// Moving averages of how long handlers run and steps take (ahead.go).
 	handlerAvg, stepAvg time.Duration
-	draining            bool // shutdown: no more reservations (see serve)
+	passAvg             time.Duration // a chain's hand-off (chain.go)
+	draining            bool          // shutdown: no more reservations (see serve)
 	// While the locker is out of reach (since lockDownSince), steps claim
 	// only tasks that need no locks, and probe it again at lockProbeAt.
 	lockDownSince, lockProbeAt time.Time

@@ -1,6 +1,7 @@
 package tasking
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"slices"
@@ -231,7 +232,7 @@ func (r *run) freeSlots() int {
 }
 
 func (r *run) freeLocked() int {
-	return r.w.cfg.slots - len(r.active) - r.launching - len(r.ahead) - r.reserved
+	return r.w.cfg.slots - len(r.active) - r.launching - r.aheadSlots() - r.reserved
 }
 
 // reserve takes the free slots, and the room to claim ahead (ahead.go), for
@@ -315,8 +316,14 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, claim,
 		}()
 	}
 
+	chain := 0
+	if claim > 0 {
+		r.mu.Lock()
+		chain = r.chainRoom()
+		r.mu.Unlock()
+	}
 	sent := time.Now()
-	res, err := r.c.step(ctx, conn, r.id, outs, r.names, r.policies, claim, r.w.cfg.ttl*2/3, r.lockerUp(ctx))
+	res, err := r.c.step(ctx, conn, r.id, outs, r.names, r.policies, claim, chain, r.w.cfg.ttl*2/3, r.lockerUp(ctx))
 	if released != nil {
 		// Before anything is acquired: a task this step claimed may need
 		// what the finished ones held.
@@ -328,6 +335,7 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, claim,
 		}
 		return 0, false, time.Time{}, err
 	}
+	slices.SortFunc(res.chained, func(a, b *Task) int { return cmp.Compare(a.ID, b.ID) })
 	if r.w.cfg.afterClaim != nil && len(res.claimed) > 0 {
 		r.w.cfg.afterClaim()
 	}
@@ -419,24 +427,11 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, claim,
 			}
 			r.c.met.grants(ctx, -(len(need) - len(refused)))
 		}
-		if err := r.unclaim(ctx, conn, res.claimed); err != nil {
+		if err := r.unclaim(ctx, conn, slices.Concat(res.claimed, res.chained)); err != nil {
 			r.log.Warn("tasking: put back tasks not started", "err", err)
 		}
 		return 0, true, next, lockErr
 	}
-	if len(refused) > 0 {
-		// Refused: a grant of a worker that was declared lost, not freed yet
-		// (it runs out with its lease or session). The tasks keep their
-		// place in line and are claimed again shortly.
-		if err := r.unclaim(ctx, conn, refused); err != nil {
-			r.log.Warn("tasking: put back tasks whose locks were refused", "err", err)
-		}
-		again = true
-	}
-	if free > 0 {
-		r.setHungry(len(res.claimed) < free)
-	}
-	r.readParents(ctx, conn, res.claimed)
 	skip := make(map[int64]bool, len(refused))
 	for _, t := range refused {
 		skip[t.ID] = true
@@ -447,8 +442,27 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, claim,
 			admit = append(admit, t)
 		}
 	}
-	r.admit(admit, r.batches.Add(1), sent)
-	return len(admit), again, next, lockErr
+	// Chained tasks behind a refused one go back with it.
+	after, orphans := chainLinks(admit, res.chained)
+	chained := res.chained
+	if len(orphans) > 0 {
+		chained = slices.DeleteFunc(slices.Clone(chained), func(t *Task) bool { return slices.Contains(orphans, t) })
+	}
+	if len(refused)+len(orphans) > 0 {
+		// Refused: a grant of a worker that was declared lost, not freed yet
+		// (it runs out with its lease or session). The tasks keep their
+		// place in line and are claimed again shortly.
+		if err := r.unclaim(ctx, conn, slices.Concat(refused, orphans)); err != nil {
+			r.log.Warn("tasking: put back tasks whose locks were refused", "err", err)
+		}
+		again = true
+	}
+	if free > 0 {
+		r.setHungry(len(res.claimed) < free)
+	}
+	r.readParents(ctx, conn, slices.Concat(admit, chained))
+	r.admit(admit, chained, after, r.batches.Add(1), sent)
+	return len(admit) + len(chained), again, next, lockErr
 }
 
 // A releaseAcquirer is a LockSession that can release grants and acquire

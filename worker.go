@@ -93,6 +93,7 @@ type workerConfig struct {
 	aheadWait   time.Duration  // see ahead.go; tests change it
 	afterClaim  func()         // tests: runs between a step's claim and the start of its tasks
 	onStep      func(outs int) // tests: runs before each step with the outcomes it writes
+	onChain     func(n int)    // tests: runs when a step admits n chained tasks (chain.go)
 	skipBeat    func() bool    // tests: true skips a heartbeat (and its cleanup)
 }
 
@@ -143,8 +144,14 @@ func WithShutdownGrace(d time.Duration) WorkerOption { return func(c *workerConf
 // ran longer than the worker measured) is put back to waiting, with its
 // place in line, as are those still waiting at shutdown. A task claimed
 // ahead is running for the database (started_at is its claim) and holds
-// its locks while it waits. 0 turns it off. Default: enough for a step to
-// carry 32 tasks (32 minus the slots; none from 32 slots up).
+// its locks while it waits. 0 turns it off, and chains with it: a step
+// that claims a task naming one resource, exclusively, also claims up to
+// 32 tasks queued right behind it that name only that resource, and each
+// starts, in the slot of the one before it, once that one's final state
+// is written (docs/design.md §6, "Chains"); a line of short tasks then
+// costs one small statement per hand-off, not a step. Default: enough for
+// a step to carry 32 tasks (32 minus the slots; none from 32 slots up),
+// and chains on.
 func WithClaimAhead(n int) WorkerOption {
 	return func(c *workerConfig) { c.ahead, c.aheadSet = n, true }
 }
