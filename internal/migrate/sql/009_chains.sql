@@ -94,15 +94,23 @@ BEGIN
     -- cleanup could fail those tasks under it.
     IF p_free > 0 AND EXISTS (SELECT 1 FROM {{schema}}.workers w
                                WHERE w.id = p_worker AND w.heartbeat_at > now() - p_fresh_ms * interval '1 ms') THEN
-        -- v9: with the heads of possible chains, read in the same pass.
-        SELECT coalesce(array_agg(c.id ORDER BY c.id), '{}'),
-               coalesce(array_agg(c.id ORDER BY c.id) FILTER (WHERE cardinality(c.exclusive) = 1 AND c.shared = '{}'), '{}'),
-               coalesce(array_agg(c.exclusive[1] ORDER BY c.id) FILTER (WHERE cardinality(c.exclusive) = 1 AND c.shared = '{}'), '{}')
-          INTO claimed, heads, head_res
-          FROM (SELECT c.id, c.exclusive, c.shared FROM {{schema}}.tasks c
-                 WHERE c.state = 'waiting' AND c.blockers = 0 AND c.name = ANY (p_names)
-                   AND (p_locks OR c.exclusive = '{}' AND c.shared = '{}')
-                 ORDER BY c.id LIMIT p_free FOR UPDATE SKIP LOCKED) c;
+        IF p_chain > 0 AND p_locks THEN
+            -- v9: with the heads of possible chains, read in the same pass
+            -- (in no particular order: the order only shares out p_chain).
+            SELECT coalesce(array_agg(c.id), '{}'),
+                   coalesce(array_agg(c.id) FILTER (WHERE cardinality(c.exclusive) = 1 AND c.shared = '{}'), '{}'),
+                   coalesce(array_agg(c.exclusive[1]) FILTER (WHERE cardinality(c.exclusive) = 1 AND c.shared = '{}'), '{}')
+              INTO claimed, heads, head_res
+              FROM (SELECT c.id, c.exclusive, c.shared FROM {{schema}}.tasks c
+                     WHERE c.state = 'waiting' AND c.blockers = 0 AND c.name = ANY (p_names)
+                     ORDER BY c.id LIMIT p_free FOR UPDATE SKIP LOCKED) c;
+        ELSE
+            claimed := ARRAY(
+                    SELECT c.id FROM {{schema}}.tasks c
+                     WHERE c.state = 'waiting' AND c.blockers = 0 AND c.name = ANY (p_names)
+                       AND (p_locks OR c.exclusive = '{}' AND c.shared = '{}')
+                     ORDER BY c.id LIMIT p_free FOR UPDATE SKIP LOCKED);
+        END IF;
         -- v9: chains. Behind a claimed task that names one resource,
         -- exclusively, the tasks next in its line that name only that
         -- resource, exclusively, are blocked by it alone: each becomes
@@ -111,7 +119,7 @@ BEGIN
         -- first entry that is not such a task, so none is passed over; the
         -- worker starts each as the one before it returns, without a step
         -- (docs/design.md §6, "Chains").
-        IF p_chain > 0 AND p_locks AND heads <> '{}' THEN
+        IF heads <> '{}' THEN
             FOR c_id, c_res IN SELECT u.id, u.r FROM unnest(heads, head_res) AS u(id, r) LOOP
                 EXIT WHEN cardinality(chain) >= p_chain;
                 FOR nxt IN SELECT l.task FROM {{schema}}.lines l
