@@ -462,7 +462,11 @@ func (t *trial) run(ctx context.Context) (res *Result, err error) {
 		// and the dispatchers' connections are open. Before, the first
 		// second's tasks waited for the start-up of both (64 dispatchers:
 		// up to 2.4 s, the whole p95 of a 16 s stream).
-		if err := warmStream(ctx, t.mon, t.schema, cfg.Procs, dpool, cfg.Dispatchers); err != nil {
+		warm := cfg.Dispatchers
+		if cfg.DispatchProcs > 1 {
+			warm = 0 // the dispatching processes warm their own (dispatchChild)
+		}
+		if err := warmStream(ctx, t.mon, t.schema, cfg.Procs, dclient, dpool, warm); err != nil {
 			return nil, err
 		}
 		dispatchDone = make(chan struct{})
@@ -837,9 +841,9 @@ func round(x float64, d int) float64 {
 	return math.Round(x*p) / p
 }
 
-// warmStream waits until procs workers are registered in schema, then opens
-// n connections of pool at once.
-func warmStream(ctx context.Context, mon *pgxpool.Pool, schema string, procs int, pool *pgxpool.Pool, n int) error {
+// warmStream waits until procs workers are registered in schema, then
+// warms n dispatch connections (warmDispatch).
+func warmStream(ctx context.Context, mon *pgxpool.Pool, schema string, procs int, c *tasking.Client, pool *pgxpool.Pool, n int) error {
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
 	q := `SELECT count(*) FROM ` + pgx.Identifier{schema}.Sanitize() + `.workers`
@@ -855,37 +859,39 @@ func warmStream(ctx context.Context, mon *pgxpool.Pool, schema string, procs int
 			return fmt.Errorf("stream warm-up: %d of %d workers registered: %w", k, procs, err)
 		}
 	}
-	return warmPool(ctx, pool, n)
+	return warmDispatch(ctx, c, pool, schema, n)
 }
 
-// warmPool opens n connections of pool at once and gives them back.
-func warmPool(ctx context.Context, pool *pgxpool.Pool, n int) error {
-	conns := make([]*pgxpool.Conn, 0, n)
-	defer func() {
-		for _, c := range conns {
-			c.Release()
-		}
-	}()
-	var mu sync.Mutex
-	var wg sync.WaitGroup
+// warmName names the tasks warmDispatch dispatches; no worker handles it.
+const warmName = "bench.warm"
+
+// warmDispatch makes n connections of pool ready to dispatch, as in a
+// service that has run for a while: n concurrent Dispatch calls open them
+// and plan the dispatch function on each (the first call on a connection
+// costs tens of milliseconds of server CPU, and 64 of them at once held up
+// a stream's first second). The tasks they dispatched are deleted: they
+// name no resource and no worker handles them, so nothing else refers to
+// them.
+func warmDispatch(ctx context.Context, c *tasking.Client, pool *pgxpool.Pool, schema string, n int) error {
+	if n == 0 {
+		return nil
+	}
 	errs := make([]error, n)
+	var wg sync.WaitGroup
 	for i := range n {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			c, err := pool.Acquire(ctx)
-			if err == nil {
-				_, err = c.Exec(ctx, "SELECT 1")
-				mu.Lock()
-				conns = append(conns, c)
-				mu.Unlock()
-			}
-			errs[i] = err
+			_, errs[i] = c.Dispatch(ctx, warmName, nil)
 		}()
 	}
 	wg.Wait()
 	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("open the dispatchers' connections: %w", err)
+		return fmt.Errorf("warm the dispatchers' connections: %w", err)
+	}
+	q := `DELETE FROM ` + pgx.Identifier{schema}.Sanitize() + `.tasks WHERE name = $1`
+	if _, err := pool.Exec(ctx, q, warmName); err != nil {
+		return fmt.Errorf("delete the warm-up tasks: %w", err)
 	}
 	return nil
 }

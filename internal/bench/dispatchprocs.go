@@ -228,7 +228,7 @@ func dispatchChild(ctx context.Context, spec dispatchSpec, done *atomic.Int64, r
 		}
 	}()
 	defer close(finished)
-	if err := warmPool(ctx, pool, spec.Dispatchers); err != nil {
+	if err := warmDispatch(ctx, c, pool, spec.Schema, spec.Dispatchers); err != nil {
 		return err
 	}
 	if err := sleep(ctx, time.Until(spec.Start)); err != nil {
