@@ -1,11 +1,15 @@
 package tasking
 
 import (
+	"cmp"
 	"context"
+	"fmt"
+	"slices"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/require"
 )
 
@@ -234,4 +238,220 @@ func TestChainOff(t *testing.T) {
 		waitState(t, ctx, c, a.ID, StateCompleted)
 	}
 	e.inOrder(t, ctx, c, ids(e.after))
+}
+
+// TestChainsMatchModel drives the schema's functions (dispatch, step with
+// chains, pass, unclaim, cancel) through a seeded random history on few
+// names, as a worker would use them: a chained task starts only by pass
+// from the task before it, is put back with the tasks behind it, and ends
+// canceled through a step when canceled while it waits. After every action
+// the ready tasks are exactly those the definition says, and every chained
+// task was, when claimed, blocked by the tasks before it in its chain and
+// by nothing else. Replay a failure with TASKING_SEED.
+func TestChainsMatchModel(t *testing.T) {
+	t.Parallel()
+	rig := newModelRig(t)
+	ctx, c, conn, worker, seed, rng := rig.ctx, rig.c, rig.conn, rig.worker, rig.seed, rig.rng
+	name := func() string { return fmt.Sprintf("r%d", rng.IntN(3)) }
+	var model []modelTask
+	byID := map[int64]int{}
+	started := map[int64]*Task{} // running here and started (claimed, or passed to)
+	waiting := map[int64]*Task{} // chained, not started
+	next := map[int64]int64{}    // a task -> the chained task behind it
+	var chains, passes, backs, canceledWaiting int
+	defer func() {
+		t.Logf("seed %d: %d chained, %d passes, %d put back, %d canceled while chained", seed, chains, passes, backs, canceledWaiting)
+	}()
+	check := func(step int, what string) {
+		t.Helper()
+		rig.check(t, model, step, what)
+	}
+	// putBack puts id and the chained tasks behind it back, as giveBack
+	// does; those canceled meanwhile end canceled through a step.
+	putBack := func(step int, id int64) {
+		var ts []*Task
+		for x := id; x != 0; x = next[x] {
+			if tk := waiting[x]; tk != nil {
+				ts = append(ts, tk)
+			}
+		}
+		for _, tk := range ts {
+			for p, n := range next {
+				if n == tk.ID {
+					delete(next, p)
+				}
+			}
+			delete(next, tk.ID)
+			delete(waiting, tk.ID)
+		}
+		put, err := (&run{c: c, id: worker}).unclaimed(ctx, conn, ts)
+		require.NoError(t, err)
+		var outs []outcome
+		for _, tk := range ts {
+			m := &model[byID[tk.ID]]
+			if put[tk.ID] {
+				m.state = StateWaiting
+				backs++
+				continue
+			}
+			require.Equal(t, StateCanceling, m.state, "seed %d: task %d not put back", seed, tk.ID)
+			outs = append(outs, outcome{task: tk, state: StateCanceled, err: ErrCanceled.Error()})
+			m.state = StateCanceled
+			canceledWaiting++
+		}
+		if len(outs) > 0 {
+			_, err := c.step(ctx, conn, worker, outs, []string{"t"}, "{}", 0, 0, time.Hour, true)
+			require.NoError(t, err)
+		}
+		check(step, "put back")
+	}
+	for step := 0; step < 500; step++ {
+		switch k := rng.IntN(12); {
+		case k < 3: // dispatch a few, most naming one resource exclusively
+			var specs []TaskSpec
+			for range 1 + rng.IntN(4) {
+				opts := []DispatchOption{Exclusive(name())}
+				if rng.IntN(4) == 0 {
+					opts = append(opts, Shared(name()))
+				}
+				specs = append(specs, Spec("t", nil, opts...))
+			}
+			ts, err := c.DispatchMany(ctx, specs...)
+			require.NoError(t, err)
+			for _, tk := range ts {
+				byID[tk.ID] = len(model)
+				model = append(model, modelTask{id: tk.ID, excl: tk.Exclusive, shr: tk.Shared, state: StateWaiting})
+			}
+			check(step, "dispatch")
+		case k < 6: // finish some started tasks with no chained task behind them, claim and chain
+			var outs []outcome
+			for id, tk := range started {
+				if next[id] == 0 && rng.IntN(2) == 0 {
+					st := []State{StateCompleted, StateFailed}[rng.IntN(2)]
+					outs = append(outs, outcome{task: tk, state: st})
+					m := &model[byID[id]]
+					if m.state == StateCanceling {
+						st = StateCanceled
+					}
+					m.state = st
+					delete(started, id)
+				}
+			}
+			res, err := c.step(ctx, conn, worker, outs, []string{"t"}, "{}", rng.IntN(3), rng.IntN(4), time.Hour, true)
+			require.NoError(t, err)
+			require.Len(t, res.done, len(outs))
+			for _, tk := range res.claimed {
+				require.Contains(t, modelReady(model), tk.ID, "seed %d: claimed a task that is not ready", seed)
+			}
+			for _, tk := range res.claimed {
+				model[byID[tk.ID]].state = StateRunning
+				started[tk.ID] = tk
+			}
+			after, orphans := chainLinks(res.claimed, sortedByID(res.chained))
+			require.Empty(t, orphans, "seed %d: chained behind no claimed task", seed)
+			for _, tk := range sortedByID(res.chained) {
+				m := model[byID[tk.ID]]
+				require.Equal(t, StateWaiting, m.state, "seed %d: chained task %d", seed, tk.ID)
+				require.True(t, len(m.excl) == 1 && len(m.shr) == 0, "seed %d: chained task %d names %v %v", seed, tk.ID, m.excl, m.shr)
+				// Blocked by the chain before it, and by nothing else.
+				var chain []int64
+				for p := after[tk.ID]; p != 0; {
+					chain = append(chain, p)
+					prev := int64(0)
+					for x, n := range after {
+						if x == p {
+							prev = n
+						}
+					}
+					p = prev
+				}
+				var blockers []int64
+				for _, u := range model[:byID[tk.ID]] {
+					if !u.state.Final() && u.conflicts(m) {
+						blockers = append(blockers, u.id)
+					}
+				}
+				require.ElementsMatch(t, chain, blockers, "seed %d: chained task %d", seed, tk.ID)
+				model[byID[tk.ID]].state = StateRunning
+				waiting[tk.ID] = tk
+				next[after[tk.ID]] = tk.ID
+				chains++
+			}
+			check(step, "step")
+		case k < 9: // a started task with a chained one behind it hands its line on
+			var heads []int64
+			for id := range started {
+				if next[id] != 0 {
+					heads = append(heads, id)
+				}
+			}
+			if len(heads) == 0 {
+				continue
+			}
+			slices.Sort(heads)
+			h := started[heads[rng.IntN(len(heads))]]
+			nx := waiting[next[h.ID]]
+			st := []State{StateCompleted, StateFailed}[rng.IntN(2)]
+			var got *string
+			require.NoError(t, conn.use(ctx, func(cn *pgx.Conn) error {
+				return cn.QueryRow(ctx, c.q.pass, worker, h.ID, int32(h.Epoch), string(st), "", nil, nil, nx.ID, int32(nx.Epoch)).Scan(&got)
+			}))
+			require.NotNil(t, got, "seed %d: pass from %d", seed, h.ID)
+			m := &model[byID[h.ID]]
+			if m.state == StateCanceling {
+				st = StateCanceled
+			}
+			m.state = st
+			require.Equal(t, string(model[byID[nx.ID]].state), *got, "seed %d: state of %d after pass", seed, nx.ID)
+			delete(started, h.ID)
+			delete(next, h.ID)
+			delete(waiting, nx.ID)
+			started[nx.ID] = nx
+			passes++
+			check(step, "pass")
+		case k < 10: // a chained task waited too long: back with those behind it
+			var ids []int64
+			for id := range waiting {
+				ids = append(ids, id)
+			}
+			if len(ids) == 0 {
+				continue
+			}
+			slices.Sort(ids)
+			putBack(step, ids[rng.IntN(len(ids))])
+		default: // cancel a task that is not final
+			var open []int64
+			for _, m := range model {
+				if m.state == StateWaiting || m.state == StateRunning {
+					open = append(open, m.id)
+				}
+			}
+			if len(open) == 0 {
+				continue
+			}
+			id := open[rng.IntN(len(open))]
+			if len(waiting) > 0 && rng.IntN(2) == 0 { // often a chained one
+				var ids []int64
+				for x := range waiting {
+					ids = append(ids, x)
+				}
+				slices.Sort(ids)
+				id = ids[rng.IntN(len(ids))]
+			}
+			require.NoError(t, c.Cancel(ctx, id))
+			m := &model[byID[id]]
+			if m.state == StateWaiting {
+				m.state = StateCanceled
+			} else {
+				m.state = StateCanceling
+			}
+			check(step, "cancel")
+		}
+	}
+}
+
+func sortedByID(ts []*Task) []*Task {
+	out := slices.Clone(ts)
+	slices.SortFunc(out, func(a, b *Task) int { return cmp.Compare(a.ID, b.ID) })
+	return out
 }
