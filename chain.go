@@ -180,9 +180,13 @@ func (r *run) handOff(from *Task, o outcome, q aheadTask) (written bool) {
 	}
 	r.c.met.finishedTask(ctx, o)
 	r.c.waits.poke()
-	if *next == "" || !granted {
-		// q is no longer this worker's (the worker was declared lost), or
-		// its grant was refused: q starts nowhere here.
+	r.mu.Lock()
+	draining := r.draining
+	r.mu.Unlock()
+	if *next == "" || !granted || draining {
+		// q is no longer this worker's (the worker was declared lost), its
+		// grant was refused, or shutdown began meanwhile (no handler
+		// starts once the wait for them has begun): q starts nowhere here.
 		return true
 	}
 	r.c.met.grants(ctx, 1)
