@@ -151,16 +151,9 @@ func aheadSetup(t *testing.T, ctx context.Context, c *Client, wait time.Duration
 	require.NoError(t, err)
 	<-started
 	e.after = ts[1:]
-	require.Eventually(t, func() bool {
-		for _, a := range e.after {
-			got, err := c.Get(ctx, a.ID)
-			require.NoError(t, err)
-			if got.State != StateRunning || got.WorkerID != w.ID() {
-				return false
-			}
-		}
-		return true
-	}, 10*time.Second, 5*time.Millisecond, "the tasks behind the blocking one are claimed ahead")
+	allIn(t, ctx, c, e.after, "the tasks behind the blocking one are claimed ahead", func(got *Task) bool {
+		return got.State == StateRunning && got.WorkerID == w.ID()
+	})
 	return e
 }
 
@@ -188,21 +181,35 @@ func TestClaimAheadPutBackAtShutdown(t *testing.T) {
 	t.Parallel()
 	c, ctx := aheadClient(t)
 	e := aheadSetup(t, ctx, c, time.Minute)
+	putBackAtShutdown(t, ctx, c, e.stop, e.release, e.after)
+}
+
+// putBackAtShutdown stops the worker (stop) while its blocking task runs,
+// checks that the tasks of after go back to waiting, lets the blocking task
+// return (release), and checks that a second worker runs them.
+func putBackAtShutdown(t *testing.T, ctx context.Context, c *Client, stop func() error, release chan struct{}, after []*Task) {
+	t.Helper()
 	stopped := make(chan error, 1)
-	go func() { stopped <- e.stop() }()
+	go func() { stopped <- stop() }()
+	allIn(t, ctx, c, after, "put back at shutdown", func(got *Task) bool { return got.State == StateWaiting })
+	close(release)
+	require.NoError(t, <-stopped)
+	runsAfterPutBack(t, ctx, c, after)
+}
+
+// allIn waits until ok holds for every task of ts, as read back.
+func allIn(t *testing.T, ctx context.Context, c *Client, ts []*Task, what string, ok func(*Task) bool) {
+	t.Helper()
 	require.Eventually(t, func() bool {
-		for _, a := range e.after {
+		for _, a := range ts {
 			got, err := c.Get(ctx, a.ID)
 			require.NoError(t, err)
-			if got.State != StateWaiting {
+			if !ok(got) {
 				return false
 			}
 		}
 		return true
-	}, 10*time.Second, 5*time.Millisecond, "put back at shutdown")
-	close(e.release)
-	require.NoError(t, <-stopped)
-	runsAfterPutBack(t, ctx, c, e.after)
+	}, 10*time.Second, 5*time.Millisecond, what)
 }
 
 // runsAfterPutBack starts a second worker and checks that it runs the tasks

@@ -90,16 +90,9 @@ func chainSetup(t *testing.T, ctx context.Context, c *Client, wait time.Duration
 // worker while it runs.
 func (e *chainEnv) chained(t *testing.T, ctx context.Context, c *Client) {
 	t.Helper()
-	require.Eventually(t, func() bool {
-		for _, a := range e.after {
-			got, err := c.Get(ctx, a.ID)
-			require.NoError(t, err)
-			if got.State != StateRunning || got.WorkerID != e.w.ID() {
-				return false
-			}
-		}
-		return true
-	}, 10*time.Second, 5*time.Millisecond, "the tasks behind the blocking one are claimed in its chain")
+	allIn(t, ctx, c, e.after, "the tasks behind the blocking one are claimed in its chain", func(got *Task) bool {
+		return got.State == StateRunning && got.WorkerID == e.w.ID()
+	})
 }
 
 // inOrder checks that ids started in dispatch order, one after another
@@ -156,21 +149,7 @@ func TestChainPutBackAtShutdown(t *testing.T) {
 	c, ctx := aheadClient(t)
 	e := chainSetup(t, ctx, c, time.Minute)
 	e.chained(t, ctx, c)
-	stopped := make(chan error, 1)
-	go func() { stopped <- e.stop() }()
-	require.Eventually(t, func() bool {
-		for _, a := range e.after {
-			got, err := c.Get(ctx, a.ID)
-			require.NoError(t, err)
-			if got.State != StateWaiting {
-				return false
-			}
-		}
-		return true
-	}, 10*time.Second, 5*time.Millisecond, "put back at shutdown")
-	close(e.release)
-	require.NoError(t, <-stopped)
-	runsAfterPutBack(t, ctx, c, e.after)
+	putBackAtShutdown(t, ctx, c, e.stop, e.release, e.after)
 }
 
 // TestChainCancelWhileWaiting: a chained task canceled while the task at
