@@ -21,19 +21,22 @@ import (
 // not, so none is passed over). Each of them is blocked by the one before
 // it alone, so it becomes ready exactly when that one finishes, and
 // nothing dispatched later can run before it. They wait among the tasks
-// claimed ahead (ahead.go), each linked to the one before it, and take no
-// slot: when a handler returns, its successor takes its slot at once,
-// with one locker call that releases the one's grant and acquires the
-// other's, and no step; the steps write the final states behind them, a
-// few at a time. A successor does not start when the task before it is to
-// run again (retrying keeps its place at the head of the line), when its
-// lock is refused, at shutdown, or when it waited past the deadline of
-// every task claimed ahead: it goes back to waiting, with its place in
-// line, and so do the tasks behind it. docs/design.md §6 has the argument.
+// claimed ahead (ahead.go), each linked to the one before it, hold no
+// grant and take no slot. When a handler returns with a final state, its
+// successor takes its slot without a step (handOff): one small statement
+// writes the final state and hands the line on, one locker call beside it
+// moves the grant, and the successor starts once both are done, so after
+// its predecessor is final (P2). A successor does not start when the task
+// before it is to run again (retrying keeps its place at the head of the
+// line), when its lock is refused, at shutdown, or when it waited past the
+// deadline of every task claimed ahead: it goes back to waiting, with its
+// place in line, and so do the tasks behind it. docs/design.md §6 has the
+// argument.
 //
 // Chains are claimed only while handlers return faster than a step takes,
-// like claiming ahead, and no longer than the handlers run in half of
-// aheadWait, or in a step's time; WithClaimAhead(0) turns them off too.
+// like claiming ahead, and no longer than the handlers and hand-offs
+// before a task take in half of aheadWait; WithClaimAhead(0) turns them
+// off too.
 
 // chainRoom is how many tasks a step may claim behind the others on their
 // lines. r.mu is held.
@@ -171,15 +174,10 @@ func (r *run) handOff(from *Task, o outcome, q aheadTask) (written bool) {
 		r.log.Warn("tasking: hand a line on to the next task", "task", from.ID, "err", err)
 		return false
 	}
-	r.mu.Lock()
-	delete(r.unsent, from.ID)
-	r.mu.Unlock()
+	r.wrote(ctx, []outcome{o}, map[int64]bool{from.ID: next != nil})
 	if next == nil {
-		r.log.Warn("tasking: task was no longer this worker's to finish", "task", from.ID)
 		return true
 	}
-	r.c.met.finishedTask(ctx, o)
-	r.c.waits.poke()
 	r.mu.Lock()
 	draining := r.draining
 	r.mu.Unlock()

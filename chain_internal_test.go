@@ -1,7 +1,6 @@
 package tasking
 
 import (
-	"cmp"
 	"context"
 	"fmt"
 	"slices"
@@ -326,9 +325,9 @@ func TestChainsMatchModel(t *testing.T) {
 				model[byID[tk.ID]].state = StateRunning
 				started[tk.ID] = tk
 			}
-			after, orphans := chainLinks(res.claimed, sortedByID(res.chained))
+			after, orphans := chainLinks(res.claimed, res.chained)
 			require.Empty(t, orphans, "seed %d: chained behind no claimed task", seed)
-			for _, tk := range sortedByID(res.chained) {
+			for _, tk := range res.chained {
 				m := model[byID[tk.ID]]
 				require.Equal(t, StateWaiting, m.state, "seed %d: chained task %d", seed, tk.ID)
 				require.True(t, len(m.excl) == 1 && len(m.shr) == 0, "seed %d: chained task %d names %v %v", seed, tk.ID, m.excl, m.shr)
@@ -427,10 +426,4 @@ func TestChainsMatchModel(t *testing.T) {
 			check(step, "cancel")
 		}
 	}
-}
-
-func sortedByID(ts []*Task) []*Task {
-	out := slices.Clone(ts)
-	slices.SortFunc(out, func(a, b *Task) int { return cmp.Compare(a.ID, b.ID) })
-	return out
 }

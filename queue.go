@@ -1,6 +1,7 @@
 package tasking
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/binary"
@@ -478,7 +479,11 @@ func (c *Client) step(ctx context.Context, conn *workerConn, worker int64, outs 
 				}
 			}
 		}
-		return rows.Err()
+		if err := rows.Err(); err != nil {
+			return err
+		}
+		slices.SortFunc(res.chained, func(a, b *Task) int { return cmp.Compare(a.ID, b.ID) })
+		return nil
 	})
 	return res, err
 }

@@ -1,7 +1,6 @@
 package tasking
 
 import (
-	"cmp"
 	"context"
 	"fmt"
 	"slices"
@@ -335,27 +334,12 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, claim,
 		}
 		return 0, false, time.Time{}, err
 	}
-	slices.SortFunc(res.chained, func(a, b *Task) int { return cmp.Compare(a.ID, b.ID) })
 	if r.w.cfg.afterClaim != nil && len(res.claimed) > 0 {
 		r.w.cfg.afterClaim()
 	}
 	next = res.nextRetry
-	r.mu.Lock()
-	for _, o := range outs {
-		delete(r.unsent, o.task.ID)
-	}
-	r.mu.Unlock()
 	r.c.met.cycle(ctx)
-	for _, o := range outs {
-		if !res.done[o.task.ID] {
-			r.log.Warn("tasking: task was no longer this worker's to finish", "task", o.task.ID)
-		} else {
-			r.c.met.finishedTask(ctx, o)
-		}
-	}
-	if len(outs) > 0 {
-		r.c.waits.poke()
-	}
+	r.wrote(ctx, outs, res.done)
 	if res.left > 0 {
 		r.wakeOthers(false)
 	}
@@ -463,6 +447,27 @@ func (r *run) step(ctx context.Context, conn *workerConn, outs []outcome, claim,
 	r.readParents(ctx, conn, slices.Concat(admit, chained))
 	r.admit(admit, chained, after, r.batches.Add(1), sent)
 	return len(admit) + len(chained), again, next, lockErr
+}
+
+// wrote records that the final states of outs were written, those in done,
+// or that their tasks were no longer this worker's to finish.
+func (r *run) wrote(ctx context.Context, outs []outcome, done map[int64]bool) {
+	if len(outs) == 0 {
+		return
+	}
+	r.mu.Lock()
+	for _, o := range outs {
+		delete(r.unsent, o.task.ID)
+	}
+	r.mu.Unlock()
+	for _, o := range outs {
+		if !done[o.task.ID] {
+			r.log.Warn("tasking: task was no longer this worker's to finish", "task", o.task.ID)
+		} else {
+			r.c.met.finishedTask(ctx, o)
+		}
+	}
+	r.c.waits.poke()
 }
 
 // A releaseAcquirer is a LockSession that can release grants and acquire
