@@ -2,9 +2,11 @@ package tasking
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -24,6 +26,8 @@ type chainEnv struct {
 	block   *Task
 	after   []*Task
 	release chan struct{}
+
+	failFirst atomic.Bool // the blocking task's first attempt fails (it retries)
 
 	mu      sync.Mutex
 	onR     int // handlers on "r" running
@@ -62,19 +66,23 @@ func chainSetup(t *testing.T, ctx context.Context, c *Client, wait time.Duration
 		e.mu.Unlock()
 		return nil
 	})
-	w.Handle("block", func(ctx context.Context, _ *Task) error {
+	var once sync.Once
+	w.Handle("block", func(ctx context.Context, task *Task) error {
 		enter()
 		defer leave()
-		close(started)
+		once.Do(func() { close(started) })
 		select {
 		case <-e.release:
 		case <-ctx.Done():
+		}
+		if e.failFirst.Load() && task.Attempt == 1 {
+			return errors.New("first attempt fails")
 		}
 		return nil
 	})
 	e.stop = runWorker(t, ctx, w)
 	primeQuick(t, ctx, c)
-	specs := []TaskSpec{Spec("block", nil, Exclusive("r"))}
+	specs := []TaskSpec{Spec("block", nil, Exclusive("r"), Retry(RetryPolicy{Attempts: 2, Backoff: 200 * time.Millisecond}))}
 	for range 4 {
 		specs = append(specs, Spec("quick", nil, Exclusive("r")))
 	}
@@ -197,6 +205,24 @@ func TestChainCancelWhileWaiting(t *testing.T) {
 		waitState(t, ctx, c, id, StateCompleted)
 	}
 	e.inOrder(t, ctx, c, rest)
+}
+
+// TestChainHeadRetries: when the task at the head of a chain fails and is
+// to run again, the chained tasks do not start: they go back to waiting
+// behind it, and run, in order, after its second attempt is final.
+func TestChainHeadRetries(t *testing.T) {
+	t.Parallel()
+	c, ctx := aheadClient(t)
+	e := chainSetup(t, ctx, c, time.Minute)
+	e.chained(t, ctx, c)
+	e.failFirst.Store(true)
+	close(e.release)
+	got := waitState(t, ctx, c, e.block.ID, StateCompleted)
+	require.Equal(t, 2, got.Attempt, "the head ran twice")
+	for _, a := range e.after {
+		waitState(t, ctx, c, a.ID, StateCompleted)
+	}
+	e.inOrder(t, ctx, c, ids(e.after))
 }
 
 // TestChainOff: WithClaimAhead(0) claims no chain either: the tasks behind
