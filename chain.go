@@ -46,8 +46,12 @@ func (r *run) chainRoom() int {
 		return 0
 	}
 	// Each task of a chain waits for the handlers and hand-offs before it,
-	// which take about a step each until measured.
-	per := r.handlerAvg + cmp.Or(r.passAvg, r.stepAvg)
+	// which take about a step each until measured. A hand-off does less
+	// than a step, so a step bounds it: only passes update passAvg, and a
+	// first pass slowed by a cold start (37 ms against 1.2 ms steps, seen
+	// in the benchmark) would otherwise leave no room for the chains that
+	// would correct it, for the rest of the worker's life.
+	per := r.handlerAvg + min(cmp.Or(r.passAvg, r.stepAvg), r.stepAvg)
 	return int(min(int64(aheadTarget), int64(r.w.cfg.aheadWait/2)/int64(per)))
 }
 

@@ -453,3 +453,20 @@ func TestChainsMatchModel(t *testing.T) {
 		}
 	}
 }
+
+// A slow first hand-off (a cold start) must not switch chains off for good:
+// only hand-offs update their average, so an estimate that left no room for
+// a chain would never be corrected. A step bounds a hand-off's cost.
+func TestChainRoomAfterSlowFirstPass(t *testing.T) {
+	r := &run{w: &Worker{cfg: workerConfig{ahead: 31, aheadWait: aheadWait}}}
+	r.handlerAvg = 10 * time.Microsecond
+	r.stepAvg = 1200 * time.Microsecond
+	before := r.chainRoom()
+	require.Positive(t, before)
+	r.passTook(38 * time.Millisecond) // seen in the benchmark: the first pass of a 16-process run
+	require.Equal(t, before, r.chainRoom(), "a hand-off slower than a step left less room than a step")
+	for range 50 {
+		r.passTook(500 * time.Microsecond)
+	}
+	require.Greater(t, r.chainRoom(), before, "quick hand-offs make room for longer chains")
+}

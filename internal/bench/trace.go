@@ -195,6 +195,8 @@ func stmtKind(sql string) string {
 		return "dispatch"
 	case strings.Contains(sql, ".step("):
 		return "step (finish + handoff + claim)"
+	case strings.Contains(sql, ".pass("):
+		return "pass (hand-off in a chain)"
 	case strings.Contains(sql, ".cancel("):
 		return "cancel"
 	case strings.Contains(sql, "lock_batch($1, $2, '{}'"):
