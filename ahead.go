@@ -32,8 +32,8 @@ import (
 const (
 	// aheadTarget sets the default of WithClaimAhead: a worker claims
 	// ahead so that a step can carry this many tasks (none from this many
-	// slots up). Past about 30 tasks a step's fixed cost is a small share.
-	aheadTarget = 32
+	// slots up). docs/design.md §6 says why 64.
+	aheadTarget = 64
 	// aheadWait bounds how long a task claimed ahead waits for a slot
 	// before it is put back: the handlers it waits for have turned out
 	// slower than the worker measured.

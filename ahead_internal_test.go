@@ -296,12 +296,13 @@ func TestClaimAheadCancelThenShutdown(t *testing.T) {
 	require.False(t, ran, "the canceled task's handler never ran")
 }
 
-// TestClaimAheadOption: the default claims ahead up to 32 tasks in a step,
-// none from 32 slots up; a negative value is refused.
+// TestClaimAheadOption: the default claims ahead up to 64 tasks in a step,
+// none from 64 slots up; a negative value is refused.
 func TestClaimAheadOption(t *testing.T) {
 	c := &Client{}
-	require.Equal(t, 27, NewWorker(c, WithSlots(5)).cfg.ahead)
-	require.Equal(t, 0, NewWorker(c, WithSlots(32)).cfg.ahead)
+	require.Equal(t, 59, NewWorker(c, WithSlots(5)).cfg.ahead)
+	require.Equal(t, 32, NewWorker(c, WithSlots(32)).cfg.ahead)
+	require.Equal(t, 0, NewWorker(c, WithSlots(64)).cfg.ahead)
 	require.Equal(t, 0, NewWorker(c, WithSlots(5), WithClaimAhead(0)).cfg.ahead)
 	w := NewWorker(c, WithSlots(5), WithClaimAhead(-1))
 	w.Handle("t", func(context.Context, *Task) error { return nil })

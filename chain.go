@@ -38,6 +38,9 @@ import (
 // before a task take in half of aheadWait; WithClaimAhead(0) turns them
 // off too.
 
+// chainMax bounds the tasks one step chains, all lines together.
+const chainMax = 32
+
 // chainRoom is how many tasks a step may claim behind the others on their
 // lines. r.mu is held.
 func (r *run) chainRoom() int {
@@ -52,7 +55,7 @@ func (r *run) chainRoom() int {
 	// in the benchmark) would otherwise leave no room for the chains that
 	// would correct it, for the rest of the worker's life.
 	per := r.handlerAvg + min(cmp.Or(r.passAvg, r.stepAvg), r.stepAvg)
-	return int(min(int64(aheadTarget), int64(r.w.cfg.aheadWait/2)/int64(per)))
+	return int(min(int64(chainMax), int64(r.w.cfg.aheadWait/2)/int64(per)))
 }
 
 // chainLinks returns, for each task of chained (in id order), the task it

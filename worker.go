@@ -150,7 +150,7 @@ func WithShutdownGrace(d time.Duration) WorkerOption { return func(c *workerConf
 // starts, in the slot of the one before it, once that one's final state
 // is written (docs/design.md §6, "Chains"); a line of short tasks then
 // costs one small statement per hand-off, not a step. Default: enough for
-// a step to carry 32 tasks (32 minus the slots; none from 32 slots up),
+// a step to carry 64 tasks (64 minus the slots; none from 64 slots up),
 // and chains on.
 func WithClaimAhead(n int) WorkerOption {
 	return func(c *workerConfig) { c.ahead, c.aheadSet = n, true }

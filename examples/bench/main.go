@@ -50,7 +50,7 @@ func main() {
 	poolConns := flag.Int("pool", 0, "max connections of each worker process's pool (0: pgx's default, max(4, cores))")
 	flag.IntVar(&cfg.PgBouncer, "pgbouncer", 0, "N > 0: start a throwaway PgBouncer (transaction pooling, N server connections) and point the worker processes at it; dispatch and measurement stay direct")
 	flag.IntVar(&cfg.Conns, "conns", 0, "connections of each worker process (tasking.WithConnections; 0: its default, 1, or 2 from 32 slots)")
-	flag.IntVar(&cfg.ClaimAhead, "claim-ahead", -1, "tasks each worker process may claim beyond its free slots (tasking.WithClaimAhead; -1: its default, 32 minus the slots; 0: off)")
+	flag.IntVar(&cfg.ClaimAhead, "claim-ahead", -1, "tasks each worker process may claim beyond its free slots (tasking.WithClaimAhead; -1: its default, 64 minus the slots; 0: off)")
 	flag.DurationVar(&cfg.Poll, "poll", time.Second, "workers' fallback poll interval (tasking.WithPollInterval)")
 	flag.IntVar(&cfg.WorkerMaxProcs, "worker-maxprocs", 0, "GOMAXPROCS of each worker process (0: Go's default, the machine's cores)")
 	flag.DurationVar(&cfg.RedisKeepAlive, "redis-keepalive", 0, "the worker processes' rueidis Dialer.KeepAlive, also its idle PING interval (0: rueidis's default, 1s)")
