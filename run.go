@@ -18,10 +18,14 @@ import (
 
 // run is the state of one Worker.Run: the worker's connection, its lock
 // session, the handlers running now, and the outcomes waiting to be written.
-// A task's way through it: step.go claims it (and gets its locks), handler.go
-// runs its handler and queues the outcome, step.go writes the final state
-// and hands its resources on in the next step; heartbeat.go keeps the
-// worker's row alive and cleans up after dead workers.
+// A task's way through it: step.go claims it (and gets its locks); ahead.go
+// holds it if it was claimed ahead of a free slot, chain.go if it was
+// claimed behind the task before it on its line; handler.go runs its
+// handler and queues the outcome; step.go writes the final state and hands
+// its resources on in the next step, or chain.go's pass hands them to the
+// task chained behind it; wake.go and wake_peers.go bring the step loop
+// back when there is work; heartbeat.go keeps the worker's row alive and
+// cleans up after dead workers.
 type run struct {
 	w        *Worker
 	c        *Client
