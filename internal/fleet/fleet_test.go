@@ -2,11 +2,15 @@ package fleet_test
 
 import (
 	"context"
+	"errors"
+	"fmt"
+	"os"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -54,4 +58,64 @@ func TestCleanupOncePerPeriod(t *testing.T) {
 	// period (a slow machine only makes it fewer).
 	require.GreaterOrEqual(t, won.Load(), int64(2), "cleanup stopped after its first run")
 	require.LessOrEqual(t, won.Load(), int64(elapsed/every)+1, "cleaned up more than once per period")
+}
+
+// TestConcurrentRegistrations: of workers that register under one name at
+// once from different live processes, exactly one gets it, and of workers
+// with different lockers, only those of one kind; the others are refused.
+// Each registration's check must see the ones committed before it took the
+// registry lock. (Without the lock, this fails within two rounds.)
+func TestConcurrentRegistrations(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	pool := testdb.Pool(t, 8)
+	schema := testdb.Schema(t, pool)
+	_, _, err := migrate.Migrate(ctx, pool, schema)
+	require.NoError(t, err)
+	host, _ := os.Hostname()
+	pids := []int{1, os.Getpid(), os.Getppid()} // alive, so none is taken for a crashed instance
+	for round := range 20 {
+		var ok atomic.Int64
+		var wg sync.WaitGroup
+		for i := range 6 {
+			s := fleet.New(pool, schema, 11, 12)
+			w := fleet.Worker{Name: fmt.Sprintf("w%d", round), Host: host, PID: pids[i%len(pids)],
+				Locker: []string{"pg", "redis"}[i/3], Handles: []string{"t"}, Slots: 1}
+			if i%3 > 0 && i/3 == 0 {
+				w.Name = fmt.Sprintf("w%d-%d", round, i) // names of their own, same locker as some others
+			}
+			wg.Go(func() {
+				_, taken, err := s.Register(ctx, w, time.Minute)
+				switch {
+				case err == nil:
+					assert.Empty(t, taken)
+					ok.Add(1)
+				case errors.Is(err, fleet.ErrNameInUse), errors.Is(err, fleet.ErrKindMismatch):
+				default:
+					assert.NoError(t, err)
+				}
+			})
+		}
+		wg.Wait()
+		var kinds, live int
+		require.NoError(t, pool.QueryRow(ctx, `SELECT count(DISTINCT locker), count(*) FROM `+
+			pgx.Identifier{schema}.Sanitize()+`.workers`).Scan(&kinds, &live))
+		if kinds != 1 {
+			rows, _ := pool.Query(ctx, `SELECT id, name, pid, locker, heartbeat_at, ttl_ms FROM `+pgx.Identifier{schema}.Sanitize()+`.workers`)
+			for rows.Next() {
+				v, _ := rows.Values()
+				t.Log(v...)
+			}
+		}
+		require.Equal(t, 1, kinds, "round %d: live workers with two lockers", round)
+		var dup int
+		require.NoError(t, pool.QueryRow(ctx, `SELECT count(*) - count(DISTINCT name) FROM `+
+			pgx.Identifier{schema}.Sanitize()+`.workers`).Scan(&dup))
+		require.Zero(t, dup, "round %d: two live workers with one name", round)
+		require.Equal(t, int64(live), ok.Load())
+		require.Positive(t, live)
+		_, err := pool.Exec(ctx, `DELETE FROM `+pgx.Identifier{schema}.Sanitize()+`.workers`)
+		require.NoError(t, err)
+	}
 }
