@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -25,12 +26,7 @@ import (
 // reading every running task.
 func TestCleanupOncePerPeriod(t *testing.T) {
 	t.Parallel()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	pool := testdb.Pool(t, 4)
-	schema := testdb.Schema(t, pool)
-	_, _, err := migrate.Migrate(ctx, pool, schema)
-	require.NoError(t, err)
+	ctx, pool, schema := setup(t, 4, 30*time.Second)
 	// Four workers' stores (one each, as in four processes), asking every
 	// 10 ms for a second and a half.
 	const every = 300 * time.Millisecond
@@ -67,12 +63,8 @@ func TestCleanupOncePerPeriod(t *testing.T) {
 // registry lock. (Without the lock, this fails within two rounds.)
 func TestConcurrentRegistrations(t *testing.T) {
 	t.Parallel()
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	pool := testdb.Pool(t, 8)
-	schema := testdb.Schema(t, pool)
-	_, _, err := migrate.Migrate(ctx, pool, schema)
-	require.NoError(t, err)
+	ctx, pool, schema := setup(t, 8, 60*time.Second)
+	q := pgx.Identifier{schema}.Sanitize()
 	host, _ := os.Hostname()
 	pids := []int{1, os.Getpid(), os.Getppid()} // alive, so none is taken for a crashed instance
 	for round := range 20 {
@@ -98,24 +90,27 @@ func TestConcurrentRegistrations(t *testing.T) {
 			})
 		}
 		wg.Wait()
-		var kinds, live int
-		require.NoError(t, pool.QueryRow(ctx, `SELECT count(DISTINCT locker), count(*) FROM `+
-			pgx.Identifier{schema}.Sanitize()+`.workers`).Scan(&kinds, &live))
-		if kinds != 1 {
-			rows, _ := pool.Query(ctx, `SELECT id, name, pid, locker, heartbeat_at, ttl_ms FROM `+pgx.Identifier{schema}.Sanitize()+`.workers`)
-			for rows.Next() {
-				v, _ := rows.Values()
-				t.Log(v...)
-			}
-		}
+		var kinds, live, dup int
+		require.NoError(t, pool.QueryRow(ctx, `SELECT count(DISTINCT locker), count(*), count(*) - count(DISTINCT name)
+			FROM `+q+`.workers`).Scan(&kinds, &live, &dup))
 		require.Equal(t, 1, kinds, "round %d: live workers with two lockers", round)
-		var dup int
-		require.NoError(t, pool.QueryRow(ctx, `SELECT count(*) - count(DISTINCT name) FROM `+
-			pgx.Identifier{schema}.Sanitize()+`.workers`).Scan(&dup))
 		require.Zero(t, dup, "round %d: two live workers with one name", round)
 		require.Equal(t, int64(live), ok.Load())
 		require.Positive(t, live)
-		_, err := pool.Exec(ctx, `DELETE FROM `+pgx.Identifier{schema}.Sanitize()+`.workers`)
+		_, err := pool.Exec(ctx, `DELETE FROM `+q+`.workers`)
 		require.NoError(t, err)
 	}
+}
+
+// setup returns a pool of conns connections and a migrated schema of its
+// own, with a context that ends after timeout.
+func setup(t *testing.T, conns int32, timeout time.Duration) (context.Context, *pgxpool.Pool, string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	t.Cleanup(cancel)
+	pool := testdb.Pool(t, conns)
+	schema := testdb.Schema(t, pool)
+	_, _, err := migrate.Migrate(ctx, pool, schema)
+	require.NoError(t, err)
+	return ctx, pool, schema
 }
